@@ -1,0 +1,84 @@
+"""The embedded MQTT broker: amqtt in-process, with keepalive enforcement.
+
+amqtt 0.12 times out its read of a silent client and then does nothing, so a
+frozen client's Last Will never fires. We give the read a deadline of 1.5 x the
+client's keepalive (what MQTT 3.1.1 section 3.1.2.10 asks of a server) and close
+the connection when it passes, which makes amqtt publish the Will.
+"""
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from amqtt import broker as amqtt_broker
+from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+log = logging.getLogger("kbbus.broker")
+
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "broker_config" / "amqtt.yaml"
+KEEPALIVE_FACTOR = 1.5
+_closing: set[asyncio.Future[None]] = set()
+
+
+class KeepaliveEnforcingHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """Drops a client silent for more than 1.5 x its keepalive."""
+
+    @classmethod
+    async def init_from_connect(cls, *args: Any, **kwargs: Any) -> Any:
+        handler, session = await super().init_from_connect(*args, **kwargs)
+        if session.keep_alive and session.keep_alive > 0:
+            # The reader loop waits this long for the next packet.
+            session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
+        return handler, session
+
+    def handle_read_timeout(self) -> None:
+        session = self.session
+        if self.writer is None or session is None:
+            return
+        log.info(
+            "client silent for over %.1fs, closing it: client_id=%s",
+            session.keep_alive,
+            session.client_id,
+        )
+        writer = self.writer
+        # Closing the socket ends amqtt's reader with EOF: an abnormal
+        # disconnect, for which it publishes the client's Will.
+        task = asyncio.ensure_future(writer.close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+# amqtt builds its handlers through this module-level name.
+amqtt_broker.BrokerProtocolHandler = KeepaliveEnforcingHandler
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(CONFIG_FILE.read_text())
+    config["listeners"]["default"]["bind"] = f"{host}:{port}"
+    return config
+
+
+class EmbeddedBroker:
+    """An amqtt broker on ``host:port`` in the running event loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+        self.host = host
+        self.port = port
+        self._broker: Broker | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._broker = Broker(broker_config(self.host, self.port))
+        await self._broker.start()
+        log.info("embedded broker listening on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None

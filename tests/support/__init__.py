@@ -1,0 +1,1 @@
+"""Test helpers: brokers, databases and processes on free ports, and waiting."""
