@@ -1,0 +1,219 @@
+"""The ``kbbus`` command line."""
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kbbus import operator
+from kbbus.up import UpError, UpOptions, run_up
+
+app = typer.Typer(
+    name="kbbus",
+    help="A control plane for fleets of machine agents, carried over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+HttpUrl = Annotated[
+    str,
+    typer.Option(
+        "--http-url",
+        envvar="KBBUS_HTTP_URL",
+        help="Where the HTTP bridge listens.",
+    ),
+]
+DEFAULT_HTTP_URL = "http://127.0.0.1:8080"
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _exit(code: int) -> None:
+    raise typer.Exit(code)
+
+
+def _exec_module(module: str, args: list[str]) -> None:
+    """Replace this process by ``python -m module args`` (same flags, same env)."""
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def controller(ctx: typer.Context) -> None:
+    """Run the controller alone (flags: see `kbbus controller --help`)."""
+    _exec_module("controller", ctx.args)
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def bridge(ctx: typer.Context) -> None:
+    """Run the HTTP bridge alone (flags: see `kbbus bridge --help`)."""
+    _exec_module("bridge_http", ctx.args)
+
+
+@app.command(context_settings=PASS_THROUGH, add_help_option=False)
+def agents(ctx: typer.Context) -> None:
+    """Run simulated agents (flags: see `kbbus agents --help`)."""
+    _exec_module("agent_sim", ctx.args)
+
+
+@app.command()
+def up(
+    mqtt_port: Annotated[
+        int, typer.Option(envvar="KBBUS_MQTT_PORT", help="Embedded broker port.")
+    ] = 1883,
+    http_port: Annotated[
+        int, typer.Option(envvar="KBBUS_HTTP_PORT", help="HTTP bridge port.")
+    ] = 8080,
+    db_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KBBUS_DB_URL", help="SQLAlchemy URL; default SQLite in ./.kbbus/."
+        ),
+    ] = None,
+    agents: Annotated[
+        int, typer.Option(envvar="KBBUS_AGENTS", help="Simulated agents to start.")
+    ] = 0,
+    offline_after_s: Annotated[
+        float | None,
+        typer.Option(envvar="KBBUS_OFFLINE_AFTER_S", help="Controller presence timer."),
+    ] = None,
+    sweep_interval_s: Annotated[
+        float | None,
+        typer.Option(envvar="KBBUS_SWEEP_INTERVAL_S", help="Presence sweep interval."),
+    ] = None,
+    heartbeat_s: Annotated[
+        float | None,
+        typer.Option(envvar="KBBUS_HEARTBEAT_S", help="Simulated agents' heartbeat."),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="KBBUS_DATA_DIR", help="Where state is kept.")
+    ] = Path(".kbbus"),
+    log_format: Annotated[
+        str, typer.Option(envvar="KBBUS_LOG_FORMAT", help="text or json.")
+    ] = "text",
+) -> None:
+    """Everything on embedded defaults: broker, controller, bridge, and agents."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    controller_args = ["--log-format", log_format]
+    if offline_after_s is not None:
+        controller_args += ["--offline-after-s", str(offline_after_s)]
+    if sweep_interval_s is not None:
+        controller_args += ["--sweep-interval-s", str(sweep_interval_s)]
+    agent_args = []
+    if heartbeat_s is not None:
+        agent_args += ["--heartbeat-s", str(heartbeat_s)]
+    opts = UpOptions(
+        mqtt_port=mqtt_port,
+        http_port=http_port,
+        db_url=db_url,
+        agents=agents,
+        data_dir=data_dir,
+        controller_args=controller_args,
+        bridge_args=["--log-format", log_format],
+        agent_args=agent_args,
+    )
+    try:
+        code = asyncio.run(run_up(opts))
+    except UpError as exc:
+        err_console.print(f"kbbus up: {exc}", highlight=False, soft_wrap=True)
+        _exit(operator.EXIT_USAGE)
+    _exit(code)
+
+
+def _operator_call(fn: object, *args: object, **kw: object) -> None:
+    try:
+        code = fn(*args, **kw)  # type: ignore[operator]
+    except operator.OperatorError as exc:
+        err_console.print(f"kbbus: {exc}", highlight=False, soft_wrap=True)
+        _exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _exit(130)
+    _exit(code)
+
+
+@app.command()
+def trigger(
+    agent_id: Annotated[str, typer.Argument(help="The agent to run the KB on.")],
+    kb_id: Annotated[str, typer.Argument(help="The KB, e.g. dns-flush-kb.")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="A parameter, k=v.")
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once the workflow is accepted.")
+    ] = False,
+    timeout_s: Annotated[
+        float, typer.Option(help="How long to follow the workflow.")
+    ] = 600.0,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    http_url: HttpUrl = DEFAULT_HTTP_URL,
+) -> None:
+    """Trigger a KB on an agent and follow it to its end.
+
+    Exit codes: 0 succeeded, 1 failed/timed out/canceled, 2 refused (unknown
+    agent or KB, bad parameters), 3 bridge or controller unreachable, 4 gave up
+    waiting.
+    """
+    try:
+        params = operator.parse_params(param or [])
+    except operator.OperatorError as exc:
+        err_console.print(f"kbbus: {exc}")
+        _exit(exc.exit_code)
+    _operator_call(
+        operator.trigger,
+        http_url,
+        agent_id,
+        kb_id,
+        params,
+        wait=not no_wait,
+        timeout_s=timeout_s,
+        idempotency_key=idempotency_key,
+        console=console,
+    )
+
+
+@app.command()
+def status(http_url: HttpUrl = DEFAULT_HTTP_URL) -> None:
+    """The fleet and recent workflows, as tables."""
+    _operator_call(operator.status, http_url, console)
+
+
+@app.command()
+def watch(http_url: HttpUrl = DEFAULT_HTTP_URL) -> None:
+    """A live view of agent and workflow events."""
+    _operator_call(operator.watch, http_url, console)
+
+
+@app.command()
+def kbs(http_url: HttpUrl = DEFAULT_HTTP_URL) -> None:
+    """The KB catalog."""
+    _operator_call(operator.kbs, http_url, console)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    db_url: Annotated[
+        str, typer.Option(envvar="KBBUS_DB_URL", help="SQLAlchemy URL.")
+    ] = "sqlite:///.kbbus/kbbus.db",
+) -> None:
+    """Bring the database schema up to date (the controller also does on start)."""
+    from controller.store import upgrade
+
+    if db_url.startswith("sqlite:///"):
+        Path(db_url.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    upgrade(db_url)
+    console.print(f"database at {db_url} is up to date")
+
+
+def main() -> None:
+    app()
