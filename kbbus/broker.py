@@ -7,6 +7,7 @@ the connection when it passes, which makes amqtt publish the Will.
 """
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,3 +83,29 @@ class EmbeddedBroker:
         if self._broker is not None:
             await self._broker.shutdown()
             self._broker = None
+
+
+def main() -> None:
+    """``python -m kbbus.broker --port N``: the embedded broker on its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    async def serve() -> None:
+        broker = EmbeddedBroker(args.host, args.port)
+        await broker.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await broker.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
