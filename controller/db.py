@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -83,6 +84,9 @@ class Workflow(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime]
+    # The KB definition as it was when triggered: a workflow finishes with the
+    # steps it started with even if the KB file changes across a restart.
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}
@@ -90,6 +94,15 @@ class Workflow(Base):
         UniqueConstraint("agent_id", "idempotency_key", name="uq_workflow_idem"),
         # "Later triggers wait in order": the queue is ordered by created_at, id.
         Index("ix_workflows_agent_status", "agent_id", "status", "created_at"),
+        # One running workflow per agent, held by the database even when two
+        # controllers start workflows for the same agent at once.
+        Index(
+            "uq_workflows_one_running",
+            "agent_id",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
     )
 
 
@@ -110,7 +123,7 @@ class StepExecution(Base):
     timeout_s: Mapped[float] = mapped_column(Float)
     not_before: Mapped[datetime | None]
     dispatched_at: Mapped[datetime | None]
-    deadline_at: Mapped[datetime | None] = mapped_column(index=True)
+    deadline_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     exit_code: Mapped[int | None]
     output: Mapped[str | None] = mapped_column(Text)
@@ -120,6 +133,8 @@ class StepExecution(Base):
         UniqueConstraint(
             "workflow_id", "step_index", "attempt", name="uq_step_attempt"
         ),
+        # The timeout sweep: dispatched attempts past their deadline.
+        Index("ix_step_executions_status_deadline", "status", "deadline_at"),
     )
 
 
