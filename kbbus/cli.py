@@ -198,6 +198,56 @@ def kbs(http_url: HttpUrl = DEFAULT_HTTP_URL) -> None:
     _operator_call(operator.kbs, http_url, console)
 
 
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small sizes: under a minute.")
+    ] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the figures to this file.")
+    ] = None,
+    broker: Annotated[
+        str, typer.Option(help="Broker to start: mosquitto or amqtt.")
+    ] = "mosquitto",
+    db: Annotated[str, typer.Option(help="Database: postgres or sqlite.")] = "postgres",
+    mqtt_url: Annotated[
+        str | None, typer.Option(help="Use this broker instead of starting one.")
+    ] = None,
+    db_url: Annotated[
+        str | None, typer.Option(help="Use this database instead of a new one.")
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only these scenarios (workflow, heartbeats, presence, "
+            "longpoll, fleet)."
+        ),
+    ] = None,
+) -> None:
+    """Measure kbbus against the raw broker, in one run."""
+    from kbbus import bench as bench_mod
+
+    if broker not in ("mosquitto", "amqtt") or db not in ("postgres", "sqlite"):
+        err_console.print("kbbus bench: --broker mosquitto|amqtt, --db postgres|sqlite")
+        _exit(operator.EXIT_USAGE)
+    unknown = set(only or []) - set(bench_mod.SCENARIOS)
+    if unknown:
+        err_console.print(f"kbbus bench: unknown scenarios {sorted(unknown)}")
+        _exit(operator.EXIT_USAGE)
+    _exit(
+        bench_mod.main(
+            quick=quick,
+            json_path=json_file,
+            broker=broker,
+            db=db,
+            mqtt_url=mqtt_url,
+            db_url=db_url,
+            only=only or [],
+            console=console,
+        )
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     db_url: Annotated[
