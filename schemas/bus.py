@@ -13,7 +13,7 @@ need, kept here so that none of them gets them wrong:
 
 import socket
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -44,6 +44,12 @@ class BusClient(aiomqtt.Client):
         **kwargs: Any,
     ) -> None:
         host, port = parse_mqtt_url(url)
+        # mqtt://user:password@host:port, for brokers with accounts (the
+        # Mosquitto and EMQX configurations in broker_config/).
+        parsed = urlparse(url)
+        if parsed.username and "username" not in kwargs:
+            kwargs["username"] = unquote(parsed.username)
+            kwargs["password"] = unquote(parsed.password or "") or None
         super().__init__(
             host,
             port,

@@ -23,10 +23,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aiomqtt
 import pytest
 
+from schemas.bus import BusClient
 from tests.support.infra import BrokerHandle, free_port, missing, port_open
 from tests.support.wait import wait_until
 
@@ -43,7 +45,8 @@ DELIVERY_TIMEOUT_S = 5.0
 
 
 def password(account: str) -> str:
-    return f"secret-{account}"
+    # URL-unsafe characters on purpose: they must survive mqtt://user:pw@host.
+    return f"s3cret/{account}@x"
 
 
 def agent_topic(agent_id: str, channel: str) -> str:
@@ -277,6 +280,21 @@ async def test_broker_refuses_clients_without_valid_credentials(
     with pytest.raises(aiomqtt.MqttCodeError, match=r"[Nn]ot authori[sz]ed"):
         async with client:
             pass
+
+
+async def test_bus_client_logs_in_with_the_credentials_in_its_url(
+    secured_mosquitto: SecuredMosquitto,
+) -> None:
+    """How compose.yaml hands the bridge and the controller their accounts."""
+    broker = secured_mosquitto
+    secret = quote(password(BRIDGE), safe="")
+    url = f"mqtt://{BRIDGE}:{secret}@{broker.host}:{broker.services_port}"
+    heartbeat = agent_topic(AGENT_A, "heartbeat")
+    async with broker.service(CONTROLLER) as controller:
+        await controller.subscribe(heartbeat, qos=1)
+        async with BusClient(url, "kbbus-bridge-test") as bridge:
+            await bridge.publish(heartbeat, b"via-http", qos=1)
+        assert await received(controller, 1) == [(heartbeat, b"via-http")]
 
 
 # --- operator ------------------------------------------------------------------
