@@ -476,6 +476,13 @@ class Engine:
         step = kb.steps[index]
         wf.current_step = index
         wf.updated_at = fx.now
+        # Render before the new row joins the session: reading earlier steps
+        # autoflushes, and the row is complete only once its args are known.
+        error: ArgsTemplateError | None = None
+        try:
+            args = render_args(step.args, self._template_context(session, wf, step))
+        except ArgsTemplateError as exc:
+            args, error = {}, exc
         se = StepExecution(
             id=new_id(),
             workflow_id=wf.id,
@@ -484,25 +491,24 @@ class Engine:
             step_id=step.id,
             attempt=1,
             action=step.action,
-            args={},
+            args=args,
+            status="pending",
             timeout_s=step.timeout_s,
         )
         session.add(se)
-        try:
-            se.args = render_args(step.args, self._template_context(session, wf, step))
-        except ArgsTemplateError as exc:
+        if error is not None:
             # Rendering again gives the same error: no retry, straight to
             # on_failure, without bothering the agent.
             se.status = "failed"
             se.finished_at = fx.now
-            se.error = str(exc)
+            se.error = str(error)
             log.warning(
                 "step arguments did not render workflow_id=%s agent_id=%s "
                 "step_id=%s: %s",
                 wf.id,
                 wf.agent_id,
                 step.id,
-                exc,
+                error,
             )
             fx.event(wf, EventKind.STEP_FINISHED, **_step_data(se))
             return [se, *self._step_exhausted(session, fx, wf, kb, se)]
