@@ -1,0 +1,30 @@
+"""``python -m controller --mqtt-url ... --db-url ...``: run the controller."""
+
+import asyncio
+import contextlib
+import signal
+
+from controller.app import run
+from controller.logs import setup_logging
+from controller.settings import Settings
+
+
+async def _main(settings: Settings) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    # SIGTERM and Ctrl-C cancel run(), which shuts down cleanly.
+    with contextlib.suppress(asyncio.CancelledError):
+        await run(settings)
+
+
+def main() -> None:
+    settings = Settings(_cli_parse_args=True)
+    setup_logging(settings.log_format, settings.log_level)
+    asyncio.run(_main(settings))
+
+
+if __name__ == "__main__":
+    main()

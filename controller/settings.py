@@ -1,0 +1,72 @@
+"""Flags of ``python -m controller`` and ``kbbus controller``; env prefix ``KBBUS_``."""
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topics import DEFAULT_ROOT
+
+
+class Settings(BaseSettings):
+    """The controller: agents, presence and workflows over MQTT, state in a database."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KBBUS_",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_prog_name="python -m controller",
+    )
+
+    mqtt_url: str = Field(
+        default="mqtt://127.0.0.1:1883", description="mqtt://[user:password@]host:port"
+    )
+    db_url: str = "sqlite:///./.kbbus/kbbus.db"
+    topic_root: str = DEFAULT_ROOT
+    client_id: str = Field(
+        default="kbbus-controller-main",
+        description="MQTT client id; keep it stable so the broker keeps the session.",
+    )
+    kb_dir: Path | None = Field(default=None, description="Extra KB definition files.")
+
+    # Presence.
+    offline_after_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+
+    # Processing.
+    tick_interval_s: float = Field(default=0.5, gt=0, description="Engine timer.")
+    heartbeat_flush_ms: float = Field(default=150.0, gt=0)
+    heartbeat_flush_size: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=200, ge=1, description="Messages per transaction.")
+    max_queued_incoming: int = Field(
+        default=20_000, ge=1, description="QoS 0 messages buffered before dropping."
+    )
+    max_inflight_publishes: int = Field(default=200, ge=1)
+    mqtt_keepalive_s: int = Field(default=30, ge=1, le=65535)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = off.")
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_mqtt_url(self) -> "Settings":
+        url = urlsplit(self.mqtt_url)
+        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+            raise ValueError(
+                f"--mqtt-url {self.mqtt_url!r} is not mqtt://host:port; "
+                "give e.g. mqtt://127.0.0.1:1883."
+            )
+        return self
+
+    @property
+    def mqtt_host(self) -> str:
+        return urlsplit(self.mqtt_url).hostname or "127.0.0.1"
+
+    @property
+    def mqtt_port(self) -> int:
+        return urlsplit(self.mqtt_url).port or 1883
