@@ -1,9 +1,9 @@
 """broker_config/: Mosquitto's accounts and ACLs, and amqtt's keepalive enforcement.
 
 The Mosquitto tests run the committed ``broker_config/mosquitto/mosquitto.conf``
-and its ACL files as they are; only ports and paths are rewritten for a
-temporary directory, and the password files are made here with
-``mosquitto_passwd``.
+and its ACL files as they are, started by its ``entrypoint.sh`` as in
+compose.yaml; only ports and paths are rewritten for a temporary directory, and
+the agents' password file is made here with ``mosquitto_passwd``.
 
 MQTT 3.1.1 gives a client no sign that the broker refused a publish (it still
 gets its PUBACK) or a subscription (Mosquitto grants it and then delivers
@@ -14,6 +14,7 @@ the refused one before it proves the refusal, with no waiting on a guess.
 
 import asyncio
 import getpass
+import os
 import shutil
 import struct
 import subprocess
@@ -112,22 +113,38 @@ def make_password_file(path: Path, accounts: list[str]) -> None:
 
 @pytest.fixture
 def secured_mosquitto(tmp_path: Path) -> Iterator[SecuredMosquitto]:
+    """Mosquitto started the way compose.yaml starts it: through entrypoint.sh."""
     binary = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
     if binary is None:
         missing("mosquitto is not installed (apt-get install mosquitto)")
         return
-    make_password_file(tmp_path / "agents.passwd", AGENT_ACCOUNTS)
-    make_password_file(tmp_path / "services.passwd", SERVICE_ACCOUNTS)
+    config_dir, data_dir = tmp_path / "config", tmp_path / "data"
+    config_dir.mkdir()
+    data_dir.mkdir()
+    # Agents' accounts are the operator's to add; the entrypoint keeps them and
+    # writes the services' accounts from the environment.
+    make_password_file(data_dir / "agents.passwd", AGENT_ACCOUNTS)
     broker = SecuredMosquitto(agents_port=free_port(), services_port=free_port())
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(
-        deployable_config(broker.agents_port, broker.services_port, tmp_path)
+    (config_dir / "mosquitto.conf").write_text(
+        deployable_config(broker.agents_port, broker.services_port, data_dir)
     )
-    with (tmp_path / "mosquitto.log").open("ab") as log:
+    env = {
+        "PATH": f"{Path(binary).parent}:{os.environ.get('PATH', '')}",
+        "MOSQUITTO_CONFIG_DIR": str(config_dir),
+        "MOSQUITTO_DATA_DIR": str(data_dir),
+        "KBBUS_MQTT_CONTROLLER_PASSWORD": password(CONTROLLER),
+        "KBBUS_MQTT_BRIDGE_PASSWORD": password(BRIDGE),
+        "KBBUS_MQTT_OPERATOR_PASSWORD": password(OPERATOR),
+    }
+    log_path = tmp_path / "mosquitto.log"
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            ["sh", str(CONFIG_DIR / "entrypoint.sh")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until(
@@ -138,7 +155,7 @@ def secured_mosquitto(tmp_path: Path) -> Iterator[SecuredMosquitto]:
             timeout_s=10,
             what="mosquitto listening on both listeners",
         )
-        assert proc.poll() is None, (tmp_path / "mosquitto.log").read_text()
+        assert proc.poll() is None, log_path.read_text()
         yield broker
     finally:
         proc.terminate()
