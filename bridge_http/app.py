@@ -1,0 +1,157 @@
+"""The FastAPI app and the process that serves it."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Generator
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bridge_http import api_agent, api_ops
+from bridge_http.core import Bridge
+from bridge_http.deps import BridgeDep
+from bridge_http.errors import BridgeError
+from bridge_http.middleware import BodyLimit, CountRequests
+from bridge_http.models import Health
+from bridge_http.settings import Settings
+
+log = logging.getLogger("kbbus.bridge")
+
+# Parked polls are released before uvicorn waits for connections, so this
+# only bounds requests stuck on a controller or broker deadline.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The bridge app; its lifespan owns the MQTT connection."""
+    bridge = Bridge(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await bridge.start()
+        try:
+            yield
+        finally:
+            await bridge.stop()
+
+    app = FastAPI(
+        title="kbbus HTTP bridge",
+        version="1.0.0",
+        description=(
+            "The original service's HTTP endpoints for agents and operators, "
+            "mapped onto kbbus MQTT topics."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.bridge = bridge
+    app.include_router(api_agent.router)
+    app.include_router(api_ops.router)
+    app.add_api_route(
+        "/healthz",
+        healthz,
+        methods=["GET"],
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Not connected to MQTT."}},
+        tags=["service"],
+        summary="Liveness and the state of the MQTT connection.",
+    )
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+        tags=["service"],
+        summary="Prometheus metrics.",
+    )
+    app.add_exception_handler(BridgeError, _bridge_error)
+    app.add_exception_handler(Exception, _unexpected)
+    # Outermost first: counting sees the 413s the limit answers itself.
+    app.add_middleware(BodyLimit, limit_bytes=settings.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=bridge.metrics)
+    return app
+
+
+async def healthz(bridge: BridgeDep) -> JSONResponse:
+    up = bridge.bus.connected.is_set()
+    health = Health(
+        status="ok" if up else "degraded",
+        mqtt="connected" if up else "disconnected",
+        client_id=bridge.bus.client_id,
+        longpoll_waiters=bridge.board.waiter_count,
+        known_agents=bridge.board.agent_count,
+    )
+    return JSONResponse(health.model_dump(), status_code=200 if up else 503)
+
+
+async def metrics(bridge: BridgeDep) -> Response:
+    return Response(
+        generate_latest(bridge.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+async def _bridge_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BridgeError)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error(
+        "unexpected error on %s %s",
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    return JSONResponse(
+        {"detail": "The bridge failed unexpectedly; see its log."}, status_code=500
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling, releasing parked polls first.
+
+    ``run`` is cancelled by its owner (``python -m bridge_http`` on a signal,
+    or ``kbbus up``), which owns the signals.
+    """
+
+    def __init__(self, config: uvicorn.Config, bridge: Bridge) -> None:
+        super().__init__(config)
+        self._bridge = bridge
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._bridge.release_clients()
+        await super().shutdown(sockets)  # type: ignore[arg-type]
+
+
+async def run(settings: Settings) -> None:
+    """Serve the bridge until cancelled, then shut down cleanly."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(config, app.state.bridge)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        await asyncio.shield(serving)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await serving
+        raise
+    if not server.started:
+        raise SystemExit(
+            f"The bridge could not serve HTTP on {settings.host}:{settings.port}; "
+            "is the port (--port) in use?"
+        )
