@@ -45,10 +45,9 @@ from schemas.views import FINAL_WORKFLOW_STATES, AttemptView, StepView, Workflow
 log = logging.getLogger("kbbus.controller")
 
 ACTIVE_STEP_STATES = ("pending", "dispatched")
+ENDED_STEP_STATES = ("succeeded", "failed", "timed_out", "canceled")
 # Rows handled per tick and per query; the rest wait for the next tick.
 TICK_BATCH = 500
-# How far back reconcile looks for agents whose retained task may be stale.
-DEFAULT_CLEAR_WINDOW_S = 24 * 3600
 
 
 class EngineError(KbbusError):
@@ -132,16 +131,9 @@ def _task_publish(topics: Topics, kb_id: str, se: StepExecution) -> Publish:
 
 
 class Engine:
-    def __init__(
-        self,
-        catalog: KBCatalog,
-        topics: Topics,
-        *,
-        clear_window_s: float = DEFAULT_CLEAR_WINDOW_S,
-    ) -> None:
+    def __init__(self, catalog: KBCatalog, topics: Topics) -> None:
         self.catalog = catalog
         self.topics = topics
-        self.clear_window_s = clear_window_s
 
     # --- requests --------------------------------------------------------------
 
@@ -359,9 +351,10 @@ class Engine:
     def reconcile(self, session: Session, now: datetime) -> list[Publish]:
         """At start: republish the retained task of every dispatched step.
 
-        Also clears the task topic of agents whose workflows ended within
-        ``clear_window_s`` and that have nothing dispatched, in case the
-        controller died between committing an end and publishing the clear.
+        Also clears the task topic of agents with nothing dispatched whose last
+        task has not expired yet: the controller may have died between
+        committing a step's end (or a cancel) and publishing the clear, and an
+        agent must not run such a task. An expired one it refuses anyway.
         Changes nothing in the database.
         """
         fx = _Effects(self.topics, now)
@@ -374,24 +367,21 @@ class Engine:
         for se, kb_id in rows:
             fx.tasks.append(_task_publish(self.topics, kb_id, se))
             busy.add(se.agent_id)
-        since = now - timedelta(seconds=self.clear_window_s)
-        ended = session.scalars(
-            select(Workflow.agent_id)
+        unexpired = session.scalars(
+            select(StepExecution.agent_id)
             .where(
-                Workflow.status.in_(FINAL_WORKFLOW_STATES),
-                Workflow.finished_at >= since,
+                StepExecution.status.in_(ENDED_STEP_STATES),
+                StepExecution.deadline_at > now,
             )
             .distinct()
         ).all()
-        waiting = session.scalars(
-            select(StepExecution.agent_id).where(StepExecution.status == "pending")
-        ).all()
-        for agent_id in sorted((set(ended) | set(waiting)) - busy):
+        stale = sorted(set(unexpired) - busy)
+        for agent_id in stale:
             fx.clear(agent_id)
         log.info(
             "reconciled retained tasks republished=%d cleared=%d",
-            len(busy),
-            len(fx.tasks) - len(rows),
+            len(rows),
+            len(stale),
         )
         return fx.all()
 

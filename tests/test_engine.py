@@ -561,8 +561,11 @@ def test_handle_result_is_a_handful_of_statements(rig: EngineRig) -> None:
 def test_reconcile_republishes_dispatched_tasks_and_clears_stale_ones(
     db_url: str, rig: EngineRig
 ) -> None:
-    for agent_id in ("a2", "a3", "a4"):
+    for agent_id in ("a2", "a3", "a4", "a5"):
         rig.add_agent(agent_id)
+    # a5's last task expired long ago: the agent refuses it, no clear needed.
+    rig.run_to_end(rig.trigger("a5", "dns-flush-kb")[2])
+    rig.advance(3600)
     _, _, fx1 = rig.trigger("a1", "dns-flush-kb")
     _, _, fx2 = rig.trigger("a2", "slow-kb")
     rig.run_to_end(rig.trigger("a3", "dns-flush-kb")[2])
@@ -576,7 +579,7 @@ def test_reconcile_republishes_dispatched_tasks_and_clears_stale_ones(
     # A restarted controller: a new engine on the same database.
     restarted = EngineRig(db_url, rig.kb_dirs)
     try:
-        rig.advance(1)
+        restarted.now = rig.advance(1)
         fx = restarted.reconcile()
         originals = {
             p.topic: p.payload
