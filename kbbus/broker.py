@@ -8,6 +8,7 @@ the connection when it passes, which makes amqtt publish the Will.
 
 import asyncio
 import contextlib
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,27 @@ class KeepaliveEnforcingHandler(BrokerProtocolHandler):  # type: ignore[misc]
 amqtt_broker.BrokerProtocolHandler = KeepaliveEnforcingHandler
 
 
+# broker_config/amqtt.yaml as data, for a kbbus installed without its source
+# tree beside it (a wheel); a test keeps the two equal.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "listeners": {
+        "default": {
+            "type": "tcp",
+            "bind": "127.0.0.1:1883",
+            "max_connections": 20000,
+        },
+    },
+    "plugins": {
+        "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+    },
+}
+
+
 def broker_config(host: str, port: int) -> dict[str, Any]:
-    config: dict[str, Any] = yaml.safe_load(CONFIG_FILE.read_text())
+    if CONFIG_FILE.is_file():
+        config: dict[str, Any] = yaml.safe_load(CONFIG_FILE.read_text())
+    else:
+        config = copy.deepcopy(DEFAULT_CONFIG)
     config["listeners"]["default"]["bind"] = f"{host}:{port}"
     return config
 

@@ -28,7 +28,9 @@ from urllib.parse import quote
 
 import aiomqtt
 import pytest
+import yaml
 
+from kbbus import broker as embedded
 from schemas.bus import BusClient
 from tests.support.infra import BrokerHandle, free_port, missing, port_open
 from tests.support.wait import wait_until
@@ -460,3 +462,8 @@ async def test_amqtt_keeps_a_client_that_pings(amqtt_broker: BrokerHandle) -> No
             first = await received(watcher, 1)
 
     assert first == [(will_topic, b"still-here")]
+
+
+def test_embedded_broker_defaults_match_amqtt_yaml() -> None:
+    """An installed kbbus without broker_config/ falls back to the same settings."""
+    assert yaml.safe_load(embedded.CONFIG_FILE.read_text()) == embedded.DEFAULT_CONFIG
