@@ -121,7 +121,13 @@ def _on_message(
 def _on_publish(
     client: mqtt.Client, agent: "FleetAgent", mid: int, rc: Any, props: Any
 ) -> None:
-    if mid == agent.online_mid:
+    if mid == agent.offline_mid:
+        # DISCONNECT only once the broker has the offline status: a broker that
+        # is still answering the PUBLISH when the socket closes may lose it
+        # (amqtt then also leaks the connection).
+        agent.offline_mid = None
+        client.disconnect()
+    elif mid == agent.online_mid:
         agent.online_mid = None
         if agent.connected and not agent.online:
             agent.online = True
@@ -143,6 +149,7 @@ class FleetAgent:
         "frozen",
         "heartbeat",
         "index",
+        "offline_mid",
         "online",
         "online_mid",
         "register_id",
@@ -164,6 +171,7 @@ class FleetAgent:
         self.epoch = 0
         self.seq = 0
         self.online_mid: int | None = None
+        self.offline_mid: int | None = None
         self.register_id: str | None = None
         self.connack: asyncio.Future[None] | None = None
         self.heartbeat: asyncio.TimerHandle | None = None
@@ -395,13 +403,13 @@ class FleetAgent:
             return
         if interrupted is not None:
             self._send_result(interrupted)
-        self.client.publish(
+        info = self.client.publish(
             self.fleet.topics.status(self.agent_id),
             status_payload(self.agent_id, False, self.epoch, "shutdown"),
             qos=1,
             retain=True,
         )
-        self.client.disconnect()
+        self.offline_mid = info.mid  # DISCONNECT follows its PUBACK
 
     # --- chaos ---------------------------------------------------------------
     def drop(self) -> None:
