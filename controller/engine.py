@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, select
+from sqlalchemy import Select, and_, bindparam, exists, select
 from sqlalchemy.orm import Session, aliased
 
 from controller.db import Agent, StepExecution, Workflow
@@ -48,6 +48,48 @@ ACTIVE_STEP_STATES = ("pending", "dispatched")
 ENDED_STEP_STATES = ("succeeded", "failed", "timed_out", "canceled")
 # Rows handled per tick and per query; the rest wait for the next tick.
 TICK_BATCH = 500
+
+
+# Statements of the hot paths, built once: building a select() costs more
+# than running it on an indexed column.
+_STEP_WITH_WORKFLOW = (
+    select(StepExecution, Workflow)
+    .join(Workflow, Workflow.id == StepExecution.workflow_id)
+    .where(StepExecution.id == bindparam("task_id"))
+)
+_AGENT_BUSY = (
+    select(Workflow.id)
+    .where(Workflow.agent_id == bindparam("agent_id"), Workflow.status == "running")
+    .limit(1)
+)
+_STEP_RESULTS = (
+    select(
+        StepExecution.step_id,
+        StepExecution.status,
+        StepExecution.exit_code,
+        StepExecution.output,
+    )
+    .where(StepExecution.workflow_id == bindparam("workflow_id"))
+    .order_by(StepExecution.step_index, StepExecution.attempt)
+)
+_running = aliased(Workflow)
+# Queued workflows of online agents that run nothing, oldest first.
+_IDLE_QUEUED = (
+    select(Workflow)
+    .join(Agent, Agent.id == Workflow.agent_id)
+    .where(
+        Workflow.status == "queued",
+        Agent.status == "online",
+        ~exists().where(
+            and_(_running.agent_id == Workflow.agent_id, _running.status == "running")
+        ),
+    )
+    .order_by(Workflow.created_at, Workflow.id)
+    .limit(TICK_BATCH)
+)
+_IDLE_QUEUED_OF = _IDLE_QUEUED.where(
+    Workflow.agent_id.in_(bindparam("agent_ids", expanding=True))
+)
 
 
 class EngineError(KbbusError):
@@ -215,9 +257,7 @@ class Engine:
                 f"{topic_agent_id!r}.",
             )
         row = session.execute(
-            select(StepExecution, Workflow)
-            .join(Workflow, Workflow.id == StepExecution.workflow_id)
-            .where(StepExecution.id == result.task_id)
+            _STEP_WITH_WORKFLOW, {"task_id": result.task_id}
         ).one_or_none()
         if row is None:
             raise EngineError(ErrorCode.NOT_FOUND, f"Task {result.task_id!r} unknown.")
@@ -511,16 +551,7 @@ class Engine:
         context: dict[str, Any] = {"params": wf.params, "steps": {}}
         if not uses_steps(step.args):
             return context
-        rows = session.execute(
-            select(
-                StepExecution.step_id,
-                StepExecution.status,
-                StepExecution.exit_code,
-                StepExecution.output,
-            )
-            .where(StepExecution.workflow_id == wf.id)
-            .order_by(StepExecution.step_index, StepExecution.attempt)
-        ).all()
+        rows = session.execute(_STEP_RESULTS, {"workflow_id": wf.id}).all()
         # The last attempt of each step is the one that counts.
         for step_id, status, exit_code, output in rows:
             context["steps"][step_id] = {
@@ -659,27 +690,14 @@ class Engine:
 
         ``agent_ids`` None means every agent. Returns the agents started on.
         """
-        running = aliased(Workflow)
-        query = (
-            select(Workflow)
-            .join(Agent, Agent.id == Workflow.agent_id)
-            .where(
-                Workflow.status == "queued",
-                Agent.status == "online",
-                ~exists().where(
-                    and_(
-                        running.agent_id == Workflow.agent_id,
-                        running.status == "running",
-                    )
-                ),
-            )
-            .order_by(Workflow.created_at, Workflow.id)
-            .limit(TICK_BATCH)
-        )
-        if agent_ids is not None:
-            query = query.where(Workflow.agent_id.in_(list(agent_ids)))
+        if agent_ids is None:
+            queued = session.scalars(_IDLE_QUEUED).all()
+        else:
+            queued = session.scalars(
+                _IDLE_QUEUED_OF, {"agent_ids": list(agent_ids)}
+            ).all()
         started: list[str] = []
-        for wf in session.scalars(query):
+        for wf in queued:
             if wf.agent_id in started:
                 continue
             started.append(wf.agent_id)
@@ -705,11 +723,7 @@ def _lock_workflows(
 
 
 def _agent_busy(session: Session, agent_id: str) -> bool:
-    found = session.scalar(
-        select(Workflow.id)
-        .where(Workflow.agent_id == agent_id, Workflow.status == "running")
-        .limit(1)
-    )
+    found = session.scalar(_AGENT_BUSY, {"agent_id": agent_id})
     return found is not None
 
 

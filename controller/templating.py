@@ -74,9 +74,12 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{path}.{i}")
 
 
-def _names_used(tree: nodes.Template) -> tuple[set[str], set[str]]:
+@lru_cache(maxsize=1024)
+def _names_used(text: str) -> tuple[frozenset[str], frozenset[str]]:
     """Top-level names, and the step ids reached as ``steps.<id>``."""
-    # meta knows Jinja's scoping: a loop variable is not a context name.
+    tree = _parse(text)
+    # meta knows Jinja's scoping: a loop variable is not a context name. It
+    # runs Jinja's code generator, hence the cache: this is asked every step.
     top = meta.find_undeclared_variables(tree)
     step_ids: set[str] = set()
     for node in tree.find_all(nodes.Getattr):
@@ -90,7 +93,7 @@ def _names_used(tree: nodes.Template) -> tuple[set[str], set[str]]:
             and isinstance(item.arg.value, str)
         ):
             step_ids.add(item.arg.value)
-    return top, step_ids
+    return frozenset(top), frozenset(step_ids)
 
 
 def check_args(args: Mapping[str, Any], earlier_steps: set[str]) -> None:
@@ -103,10 +106,9 @@ def check_args(args: Mapping[str, Any], earlier_steps: set[str]) -> None:
         if not _is_template(text):
             continue
         try:
-            tree = _parse(text)
+            top, step_ids = _names_used(text)
         except TemplateError as exc:
             raise ArgsTemplateError(f"{path}: {exc}") from None
-        top, step_ids = _names_used(tree)
         unknown = top - CONTEXT_NAMES
         if unknown:
             raise ArgsTemplateError(
@@ -123,7 +125,7 @@ def check_args(args: Mapping[str, Any], earlier_steps: set[str]) -> None:
 def uses_steps(args: Mapping[str, Any]) -> bool:
     """Whether rendering ``args`` needs earlier steps' results."""
     for _path, text in _strings(args, "args"):
-        if _is_template(text) and "steps" in _names_used(_parse(text))[0]:
+        if _is_template(text) and "steps" in _names_used(text)[0]:
             return True
     return False
 
