@@ -137,7 +137,7 @@ def touch(session: Session, seen: Mapping[str, datetime], now: datetime) -> Touc
         agent_id: (status, epoch)
         for agent_id, status, epoch in session.execute(
             select(Agent.id, Agent.status, Agent.epoch).where(Agent.id.in_(seen))
-        ).tuples()
+        )
     }
     unknown = [agent_id for agent_id in seen if agent_id not in known]
     if not known:
@@ -161,7 +161,7 @@ def touch(session: Session, seen: Mapping[str, datetime], now: datetime) -> Touc
             .where(_agents.c.id.in_(offline), _agents.c.status == OFFLINE)
             .values(status=ONLINE, updated_at=now)
             .returning(_agents.c.id, _agents.c.epoch)
-        ).tuples()
+        )
         revived = [
             Transition(agent_id, AgentState.ONLINE, epoch, Reason.HEARTBEAT)
             for agent_id, epoch in rows
@@ -177,7 +177,7 @@ def sweep(session: Session, now: datetime, offline_after_s: float) -> list[Trans
         .where(_agents.c.status == ONLINE, _agents.c.last_seen_at < cutoff)
         .values(status=OFFLINE, updated_at=now)
         .returning(_agents.c.id, _agents.c.epoch)
-    ).tuples()
+    )
     return [
         Transition(agent_id, AgentState.OFFLINE, epoch, Reason.TIMEOUT)
         for agent_id, epoch in rows

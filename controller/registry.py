@@ -113,4 +113,4 @@ def list_agents(session: Session, status: str | None, limit: int) -> list[AgentV
 
 def count_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Agent.status, func.count()).group_by(Agent.status))
-    return {status: count for status, count in rows.tuples()}
+    return {status: count for status, count in rows}
