@@ -491,9 +491,7 @@ async def _offline_times(
         while len(seen) < len(ids) and time.monotonic() < deadline:
             response = await client.get("/api/v1/agents", params={"limit": 1000})
             now = time.monotonic()
-            body = response.json()
-            agents = body.get("agents", body) if isinstance(body, dict) else body
-            for agent in agents:
+            for agent in response.json():
                 aid = agent["agent_id"]
                 if (
                     aid in faulted_at

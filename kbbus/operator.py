@@ -134,9 +134,6 @@ def status(http_url: str, console: Console, limit: int = 20) -> int:
     with _client(http_url) as client:
         agents = _call(client, "GET", "/api/v1/agents")
         workflows = _call(client, "GET", "/api/v1/workflows", params={"limit": limit})
-    agents = agents.get("agents", agents) if isinstance(agents, dict) else agents
-    if isinstance(workflows, dict):
-        workflows = workflows.get("workflows", [])
     online = sum(1 for a in agents if a["status"] == "online")
     console.print(
         f"[bold]{len(agents)}[/] agents: [green]{online} online[/], "
@@ -170,8 +167,6 @@ def status(http_url: str, console: Console, limit: int = 20) -> int:
 def kbs(http_url: str, console: Console) -> int:
     with _client(http_url) as client:
         catalog = _call(client, "GET", "/api/v1/kbs")
-    if isinstance(catalog, dict):
-        catalog = catalog.get("kbs", [])
     table = Table("kb", "title", "steps", "parameters", box=None)
     for kb in catalog:
         props = (kb.get("params_schema") or {}).get("properties", {})
