@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator, Generator
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from bridge_http import api_agent, api_ops
 from bridge_http.core import Bridge
@@ -45,6 +48,9 @@ def create_app(settings: Settings) -> FastAPI:
             "mapped onto kbbus MQTT topics."
         ),
         lifespan=lifespan,
+        # A path with a stray slash is an unknown path (404 JSON), not a
+        # redirect that scripts posting bodies would not follow.
+        redirect_slashes=False,
     )
     app.state.bridge = bridge
     app.include_router(api_agent.router)
@@ -68,6 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Prometheus metrics.",
     )
     app.add_exception_handler(BridgeError, _bridge_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _unexpected)
     # Outermost first: counting sees the 413s the limit answers itself.
     app.add_middleware(BodyLimit, limit_bytes=settings.max_body_bytes)
@@ -96,6 +104,40 @@ async def metrics(bridge: BridgeDep) -> Response:
 async def _bridge_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BridgeError)
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    """422 with where and what, without echoing the input back.
+
+    FastAPI's own handler includes each error's input, which can be large and
+    is not always JSON (a NaN makes the answer itself fail).
+    """
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+# FastAPI answers a body that is not even text (bad UTF-8 / UTF-16 bytes) with
+# a bare 400 under this detail, unlike every other malformed body (422,
+# json_invalid). The fuzz test notices if a FastAPI upgrade changes the text.
+_FASTAPI_UNPARSABLE = "There was an error parsing the body"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 400 and exc.detail == _FASTAPI_UNPARSABLE:
+        error = {
+            "type": "json_invalid",
+            "loc": ["body"],
+            "msg": "The body is not JSON text in UTF-8; send Content-Type "
+            "application/json with a UTF-8 JSON document.",
+            "input": {},
+        }
+        return JSONResponse({"detail": [error]}, status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

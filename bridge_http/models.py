@@ -5,10 +5,11 @@ id rule (``schemas.messages.ID_PATTERN``), so nothing that could not be a
 topic level ever reaches a topic.
 """
 
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from schemas.messages import Id, ShortText
 from schemas.views import WorkflowStatusName, WorkflowView
@@ -21,6 +22,27 @@ ExitCode = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 class Body(BaseModel):
     # Unknown fields are ignored, as the original service did.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers_only(cls, data: Any) -> Any:
+        # Python's JSON parser takes NaN, Infinity and 1e999; JSON has no such
+        # numbers, and on the bus they would turn into null or fail to parse.
+        if _has_non_finite(data):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+        return data
+
+
+def _has_non_finite(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if depth > 64:
+        return False  # deeper than any body of ours; the schema refuses it
+    if isinstance(value, dict):
+        return any(_has_non_finite(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v, depth + 1) for v in value)
+    return False
 
 
 class RegisterBody(Body):

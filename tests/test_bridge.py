@@ -384,6 +384,12 @@ async def test_silent_controller_gives_503_within_the_deadline(stack: Stack) -> 
         ("/api/v1/agent/register", b'["hostname"]', "body"),
         ("/api/v1/agent/heartbeat", b'{"agent_id": "a/b"}', "agent_id"),
         ("/api/v1/agent/heartbeat", b'{"agent_id": null}', "agent_id"),
+        (
+            "/api/v1/agent/heartbeat",
+            b'{"agent_id": "a", "metrics": {"cpu": NaN}}',
+            "body",
+        ),
+        ("/api/v1/agent/register", b"\xff\xfe\x00", "body"),
         ("/api/v1/agent/tasks/results", b'{"agent_id": "a", "task_id": "t"}', "status"),
         (
             "/api/v1/agent/tasks/results",
