@@ -668,12 +668,12 @@ class Engine:
         level = logging.INFO if status in ("succeeded", "canceled") else logging.WARNING
         log.log(
             level,
-            "workflow finished workflow_id=%s agent_id=%s kb_id=%s status=%s%s",
+            "workflow finished workflow_id=%s agent_id=%s kb_id=%s status=%s error=%s",
             wf.id,
             wf.agent_id,
             wf.kb_id,
             status,
-            f" error={error}" if error else "",
+            error or "-",
         )
         if not release_agent:
             return
