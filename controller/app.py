@@ -162,8 +162,12 @@ class Controller:
         self.metrics = metrics
         self.topics = Topics(settings.topic_root)
         self.rpc = Rpc(self.topics, engine, catalog)
-        self._rpc_prefix = f"{self.topics.root}/rpc/"
-        self._agents_prefix = f"{self.topics.root}/agents/"
+        self._filters = {
+            self.topics.all_agents(AgentChannel.STATUS): STATUS,
+            self.topics.all_agents(AgentChannel.HEARTBEAT): HEARTBEAT,
+            self.topics.all_agents(AgentChannel.RESULTS): RESULTS,
+            self.topics.rpc_filter(): RPC,
+        }
         self._logged = _Once()
         #: Set while connected: the consumer's client and its publisher.
         self._client: BusClient | None = None
@@ -227,13 +231,8 @@ class Controller:
         self._client = client
         self._pub = Publisher(client, self.settings.max_inflight_publishes)
         self._heartbeats = HeartbeatBuffer(self.settings.heartbeat_flush_size)
-        for channel in (
-            AgentChannel.STATUS,
-            AgentChannel.HEARTBEAT,
-            AgentChannel.RESULTS,
-        ):
-            await client.subscribe(self.topics.all_agents(channel), qos=1)
-        await client.subscribe(self.topics.rpc_filter(), qos=1)
+        for topic_filter in self._filters:
+            await client.subscribe(topic_filter, qos=1)
         self._connected_at = time.monotonic()
         self.metrics.mqtt_connected.set(1)
         await self._reconcile()
@@ -281,13 +280,9 @@ class Controller:
                 await self._handle(channel, list(group))
 
     def _channel(self, message: aiomqtt.Message) -> str:
-        topic = message.topic.value
-        if topic.startswith(self._rpc_prefix):
-            return RPC
-        if topic.startswith(self._agents_prefix):
-            last = topic.rsplit("/", 1)[-1]
-            if last in (STATUS, HEARTBEAT, RESULTS):
-                return last
+        for topic_filter, channel in self._filters.items():
+            if message.topic.matches(topic_filter):
+                return channel
         return OTHER
 
     async def _handle(self, channel: str, group: list[aiomqtt.Message]) -> None:
@@ -305,8 +300,14 @@ class Controller:
             for message in group:
                 await self._on_request(message)
         else:
-            for _ in group:
-                self._reject(Rejected("bad_topic", "not a kbbus topic"), OTHER)
+            # Not one of our subscriptions: amqtt 0.12 sends a connecting client
+            # the retained messages of every other client's subscriptions too
+            # (agents' tasks, say). Not garbage, and not for us.
+            mqtt_log.debug(
+                "ignored %d messages outside our subscriptions, first on %s",
+                len(group),
+                group[0].topic.value,
+            )
             self._ack(group)
 
     def _decode(

@@ -23,7 +23,7 @@ from controller.db import Agent
 from controller.metrics import Metrics
 from controller.settings import Settings
 from controller.store import make_engine
-from schemas import decode, encode
+from schemas import MessageError, decode, encode
 from schemas.bus import BusClient
 from schemas.messages import (
     AgentStatus,
@@ -105,19 +105,24 @@ class Bus:
 
     async def _read(self) -> None:
         async for message in self.client.messages:
-            topic = message.topic.value
-            payload = message.payload
-            assert isinstance(payload, bytes)
-            if topic == self.reply_to:
-                request_id = decode(Reply, payload).request_id
-                future = self._replies.pop(request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(payload)
-            elif topic.startswith(f"{self.topics.root}/events/"):
-                self.events.append(decode(Event, payload))
-            elif topic.endswith("/status") and payload:
-                status = decode(AgentStatus, payload)
-                self.statuses[status.agent_id] = status
+            with contextlib.suppress(MessageError):
+                self._on_message(message)
+
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        """Sort a message; tests publish garbage too, which raises MessageError."""
+        topic = message.topic.value
+        payload = message.payload
+        assert isinstance(payload, bytes)
+        if topic == self.reply_to:
+            request_id = decode(Reply, payload).request_id
+            future = self._replies.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(payload)
+        elif topic.startswith(f"{self.topics.root}/events/"):
+            self.events.append(decode(Event, payload))
+        elif topic.endswith("/status") and payload:
+            status = decode(AgentStatus, payload)
+            self.statuses[status.agent_id] = status
 
     async def request(
         self,

@@ -17,7 +17,7 @@ import uuid
 
 import aiomqtt
 
-from schemas import MessageError, decode, encode
+from schemas import decode, encode
 from schemas.bus import BusClient
 from schemas.messages import (
     AgentState,
@@ -47,14 +47,11 @@ async def _register(client: aiomqtt.Client, topics: Topics, agent_id: str) -> No
     await client.publish(topics.rpc(RpcMethod.REGISTER), encode(request), qos=1)
     async with asyncio.timeout(10):
         async for message in client.messages:
-            assert isinstance(message.payload, bytes)
-            try:
-                reply = decode(RegisterReply, message.payload)
-            except MessageError:
-                print(
-                    f"unexpected {message.topic} {message.payload!r}", file=sys.stderr
-                )
+            # amqtt also hands a new client others' retained messages.
+            if message.topic.value != reply_to:
                 continue
+            assert isinstance(message.payload, bytes)
+            reply = decode(RegisterReply, message.payload)
             if reply.request_id == request.request_id:
                 if reply.error is not None:
                     raise SystemExit(f"registration refused: {reply.error}")
