@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -121,42 +122,55 @@ async def poll_task(
     if task is not None:
         metrics.longpolls.labels("pending").inc()
         return _task_response(task)
-    waiter = board.park(agent_id)
+    waiter = board.park(agent_id, _client_gone_probe(request))
     try:
-        outcome = await _wait(
-            waiter, timeout_s, request, bridge.settings.disconnect_check_s
-        )
+        if waiter.client_gone is not None:
+            await asyncio.wait((waiter.future,), timeout=timeout_s)
+        else:
+            await _wait_checking(
+                waiter, timeout_s, request, bridge.settings.disconnect_check_s
+            )
+        task = waiter.future.result() if waiter.future.done() else None
     finally:
         board.unpark(waiter)
-    if isinstance(outcome, Task):
+    if task is not None:
         metrics.wake_latency.observe(time.perf_counter() - waiter.woken_at)
         metrics.longpolls.labels("task").inc()
-        return _task_response(outcome)
-    metrics.longpolls.labels(outcome).inc()
+        return _task_response(task)
+    if waiter.left:
+        log.debug("long poll client left agent_id=%s", agent_id)
+    metrics.longpolls.labels("gone" if waiter.left else "empty").inc()
     return Response(status_code=204)
 
 
-async def _wait(
-    waiter: Waiter, timeout_s: float, request: Request, check_s: float
-) -> Task | str:
-    """Wait for the waiter's task: the task, "empty" or "gone".
+def _client_gone_probe(request: Request) -> Callable[[], bool] | None:
+    """A cheap "has the client gone?" for the board's sweep, if there is one.
 
-    The request's own task does the waiting, waking every ``check_s`` to see
-    whether its client is still connected, so a parked poll needs no helper
-    task and a vanished client frees its waiter within ``check_s``.
+    uvicorn's request cycle marks itself ``disconnected`` when the socket
+    closes; reading that flag costs nothing, where ``is_disconnected()``
+    costs a receive call and a cancel scope per check. Under another server
+    (or a middleware that wraps ``receive``) there is no such flag and the
+    poll checks for itself.
     """
+    cycle = getattr(request.receive, "__self__", None)
+    if not isinstance(getattr(cycle, "disconnected", None), bool):
+        return None
+    return lambda: bool(cycle.disconnected)  # type: ignore[union-attr]
+
+
+async def _wait_checking(
+    waiter: Waiter, timeout_s: float, request: Request, check_s: float
+) -> None:
+    """Wait for the waiter's future, asking every ``check_s`` for the client."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return "empty"
+    while (remaining := deadline - loop.time()) > 0:
         done, _ = await asyncio.wait((waiter.future,), timeout=min(remaining, check_s))
         if done:
-            return waiter.future.result() or "empty"
+            return
         if await request.is_disconnected():
-            log.debug("long poll client left agent_id=%s", waiter.agent_id)
-            return "gone"
+            waiter.left = True
+            return
 
 
 def _task_response(task: Task) -> Response:

@@ -9,6 +9,7 @@ so a wait costs a future and a list slot, not a task or a subscription.
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from schemas.messages import Task
@@ -20,8 +21,12 @@ class Waiter:
 
     agent_id: str
     future: "asyncio.Future[Task | None]"
+    #: Tells whether the client has gone, if the server lets us ask cheaply.
+    client_gone: Callable[[], bool] | None = None
     #: ``time.perf_counter()`` when the task arrived, for the wake latency.
     woken_at: float = field(default=0.0)
+    #: Set by ``sweep`` when the client went away.
+    left: bool = False
 
 
 class TaskBoard:
@@ -89,8 +94,11 @@ class TaskBoard:
         return len(self._agents)
 
     # --- waiters -------------------------------------------------------------
-    def park(self, agent_id: str) -> Waiter:
-        waiter = Waiter(agent_id, asyncio.get_running_loop().create_future())
+    def park(
+        self, agent_id: str, client_gone: Callable[[], bool] | None = None
+    ) -> Waiter:
+        future = asyncio.get_running_loop().create_future()
+        waiter = Waiter(agent_id, future, client_gone)
         self._waiters.setdefault(agent_id, []).append(waiter)
         self.waiter_count += 1
         return waiter
@@ -109,6 +117,21 @@ class TaskBoard:
             del self._waiters[waiter.agent_id]
         if not waiter.future.done():
             waiter.future.cancel()
+
+    def sweep(self) -> int:
+        """Answer the waiters whose clients have gone; return how many."""
+        gone = [
+            w
+            for waiters in self._waiters.values()
+            for w in waiters
+            if w.client_gone is not None and w.client_gone()
+        ]
+        for waiter in gone:
+            waiter.left = True
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+            self.unpark(waiter)
+        return len(gone)
 
     def release_all(self) -> None:
         """Answer every parked poll with nothing (the bridge is stopping)."""

@@ -50,10 +50,20 @@ class Bridge:
         self.bus.attach_events(self.hub)
         self.metrics.waiters.set_function(lambda: self.board.waiter_count)
         self.metrics.sse_clients.set_function(lambda: self.hub.client_count)
-        self._bus_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._bus_task = asyncio.create_task(self.bus.run(), name="kbbus-bridge-bus")
+        self._tasks = [
+            asyncio.create_task(self.bus.run(), name="kbbus-bridge-bus"),
+            asyncio.create_task(self._sweep_waiters(), name="kbbus-bridge-sweep"),
+        ]
+
+    async def _sweep_waiters(self) -> None:
+        # One pass over every parked poll per interval, instead of a timer
+        # per poll: a vanished client is freed within disconnect_check_s.
+        while True:
+            await asyncio.sleep(self.settings.disconnect_check_s)
+            self.board.sweep()
 
     def release_clients(self) -> None:
         """Answer parked long polls and end event streams, before shutdown."""
@@ -62,11 +72,11 @@ class Bridge:
 
     async def stop(self) -> None:
         self.release_clients()
-        if self._bus_task is not None:
-            self._bus_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._bus_task
-            self._bus_task = None
+                await task
+        self._tasks = []
 
     async def require_agent(self, agent_id: str) -> None:
         """Return if the agent exists; raise ControllerRefused(404) if not.

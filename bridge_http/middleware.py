@@ -25,10 +25,16 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared, chunked = _body_headers(scope)
         if declared is not None and declared > self.limit_bytes:
             error = BodyTooLarge(declared, self.limit_bytes)
             await _send_json(send, 413, error.message)
+            return
+        if not chunked:
+            # The server enforces a declared length; leaving ``receive``
+            # unwrapped also keeps the server's own disconnect flag in reach
+            # of the long poll (see api_agent._client_gone_probe).
+            await self.app(scope, receive, send)
             return
         received = 0
         limit = self.limit_bytes
@@ -72,14 +78,19 @@ class CountRequests:
             self.metrics.http_requests.labels(path, scope["method"], str(status)).inc()
 
 
-def _content_length(scope: Scope) -> int | None:
+def _body_headers(scope: Scope) -> tuple[int | None, bool]:
+    """The declared Content-Length, and whether the body comes chunked."""
+    length: int | None = None
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None
-    return None
+                length = None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:

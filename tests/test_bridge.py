@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bridge_http import api_agent
 from bridge_http.app import run
 from bridge_http.settings import Settings
 from schemas.messages import Event, EventKind, Task
@@ -255,7 +256,14 @@ async def test_unknown_agent_poll_is_404(stack: Stack) -> None:
     assert "detail" in response.json()
 
 
-async def test_client_leaving_mid_wait_frees_its_waiter(stack: Stack) -> None:
+@pytest.mark.parametrize("server_flag", [True, False], ids=["flag", "receive"])
+async def test_client_leaving_mid_wait_frees_its_waiter(
+    stack: Stack, server_flag: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not server_flag:
+        # As under a server without uvicorn's disconnect flag: the poll asks
+        # request.is_disconnected() itself.
+        monkeypatch.setattr(api_agent, "_client_gone_probe", lambda request: None)
     agent_id = await stack.register()
     with socket.create_connection(("127.0.0.1", stack.port)) as raw:
         raw.sendall(
@@ -522,3 +530,32 @@ async def test_metrics_count_requests_by_route(stack: Stack) -> None:
         'route="/api/v1/agents/{agent_id}"} 1.0'
     ) in text
     assert "kbbus_bridge_mqtt_connected 1.0" in text
+
+
+async def test_stopping_answers_parked_polls_at_once(broker: BrokerHandle) -> None:
+    port = free_port()
+    settings = Settings(mqtt_url=broker.url, port=port)
+    serving = asyncio.create_task(run(settings))
+    controller = FakeController(broker.url)
+    async with (
+        controller.running(),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http,
+    ):
+        stack = Stack(broker, controller, http, port)
+
+        async def up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return (await http.get("/healthz")).status_code == 200
+            return False
+
+        await async_wait_until(up, what="bridge healthy")
+        agent_id = await stack.register()
+        poll = stack.poll(agent_id, 60)
+        await async_wait_until(lambda: _is(stack.waiters(), 1), what="poll parked")
+        started = time.perf_counter()
+        serving.cancel()
+        response = await poll
+        assert response.status_code == 204
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        assert time.perf_counter() - started < 3
