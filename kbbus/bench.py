@@ -8,6 +8,7 @@ committed database state, never from what a client believes it sent.
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -42,6 +43,8 @@ from schemas.messages import (
     AgentState,
     AgentStatus,
     Heartbeat,
+    LookupKind,
+    LookupRequest,
     RegisterReply,
     RegisterRequest,
     TriggerReply,
@@ -135,7 +138,7 @@ class Stack:
             name,
             [sys.executable, "-m", module, *args],
             self.dir / f"{name}.log",
-            env={"KBBUS_LOG_LEVEL": "WARNING"},
+            env={"KBBUS_LOG_LEVEL": os.environ.get("KBBUS_BENCH_LOG_LEVEL", "WARNING")},
         ).start()
         self.processes.append(proc)
         return proc
@@ -233,6 +236,10 @@ async def wait_for(
 def count(engine: sa.Engine, sql: str, **params: Any) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.text(sql), params).scalar() or 0)
+
+
+def at_least(engine: sa.Engine, sql: str, n: int) -> bool:
+    return count(engine, sql) >= n
 
 
 class Rpc:
@@ -336,6 +343,7 @@ async def scenario_workflow(ctx: BenchContext) -> None:
         ctx.results["raw_roundtrip_per_s"] = round(raw, 1)
 
         controller = s.start_controller()
+        await wait_controller(s)
         agents = s.start_agents(n_agents, "--latency-ms", "0", "--heartbeat-s", "10")
         eng = s.engine()
         online_sql = "select count(*) from agents where status = 'online'"
@@ -394,12 +402,7 @@ async def scenario_heartbeats(ctx: BenchContext) -> None:
     async with stack(ctx, "heartbeats") as s:
         controller = s.start_controller()
         eng = s.engine()
-        await wait_for(
-            lambda: _safe_count(eng, "select 1") == 1 and _tables_ready(eng),
-            60,
-            "controller schema",
-            [controller],
-        )
+        await wait_controller(s)
         async with rpc_client(s.mqtt_url, s.topics) as rpc:
             ids = await register_agents(rpc, sizes.heartbeat_agents, "hb")
             rounds = max(1, sizes.heartbeats // len(ids))
@@ -449,8 +452,25 @@ async def scenario_heartbeats(ctx: BenchContext) -> None:
         eng.dispose()
 
 
-def _tables_ready(engine: sa.Engine) -> bool:
-    return sa.inspect(engine).has_table("agents")
+async def wait_controller(s: Stack) -> None:
+    """Until the controller answers a request (it has subscribed)."""
+    assert s.controller is not None
+    deadline = time.monotonic() + 60
+    async with rpc_client(s.mqtt_url, s.topics) as rpc:
+        while True:
+            request = LookupRequest(
+                request_id=rpc.new_id(), reply_to=rpc.reply_to, kind=LookupKind.KBS
+            )
+            try:
+                await rpc.call(RpcMethod.LOOKUP, request, timeout_s=0.5)
+                return
+            except TimeoutError:
+                if not s.controller.alive():
+                    raise RuntimeError(
+                        f"controller died:\n{s.controller.log_tail()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the controller did not answer in 60s") from None
 
 
 def _utc(ts: float) -> Any:
@@ -509,19 +529,22 @@ async def scenario_presence(ctx: BenchContext) -> None:
     sizes = ctx.sizes
     keepalive = sizes.keepalive_s
     async with stack(ctx, "presence") as s:
-        controller = s.start_controller()
+        s.start_controller()
         s.start_bridge()
         eng = s.engine()
-        await wait_for(lambda: _tables_ready(eng), 60, "controller", [controller])
+        await wait_controller(s)
         await _wait_http(s.http_url)
-        online_sql = "select count(*) from agents where status = 'online'"
         for kind in ("abrupt", "frozen"):
             async with rpc_client(s.mqtt_url, s.topics) as rpc:
                 ids = await register_agents(rpc, sizes.presence_agents, kind)
-            target = count(eng, online_sql) + len(ids)
             clients = {a: _paho_agent(s.mqtt_url, s.topics, a, keepalive) for a in ids}
+            # Registration alone counts as online; wait for each connection's epoch.
+            connected_sql = (
+                "select count(*) from agents where status = 'online' and epoch > 0 "
+                f"and id like '{kind}-%'"
+            )
             await wait_for(
-                lambda t=target: count(eng, online_sql) >= t,
+                functools.partial(at_least, eng, connected_sql, len(ids)),
                 30,
                 f"{kind} agents online",
             )
@@ -597,7 +620,7 @@ async def scenario_fleet(ctx: BenchContext) -> None:
     async with stack(ctx, "fleet") as s:
         controller = s.start_controller()
         eng = s.engine()
-        await wait_for(lambda: _tables_ready(eng), 60, "controller", [controller])
+        await wait_controller(s)
         agents = s.start_agents(
             n, "--heartbeat-s", "10", "--keepalive-s", "30", "--ramp-per-s", "2000"
         )
