@@ -9,7 +9,6 @@ retained task again, so nothing here needs to survive a disconnect.
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import aiomqtt
 
@@ -49,6 +48,9 @@ class Bus:
         self.client_id = client_id
         self.topics = topics
         self.reply_topic = topics.reply(client_id)
+        self._tasks_filter = topics.all_agents(AgentChannel.TASKS)
+        self._status_filter = topics.all_agents(AgentChannel.STATUS)
+        self._events_filter = topics.events_filter()
         self._board = board
         self._router = router
         self._metrics = metrics
@@ -57,8 +59,6 @@ class Bus:
         self._follow_events = False
         self._background: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
-        #: Called with True/False on every connect and disconnect.
-        self.on_connection: Callable[[bool], None] = lambda _up: None
 
     def attach_events(self, hub: EventHub) -> None:
         self._hub = hub
@@ -102,14 +102,13 @@ class Bus:
         )
 
     async def _subscribe_all(self, client: aiomqtt.Client) -> None:
-        t = self.topics
-        await client.subscribe(t.all_agents(AgentChannel.TASKS), qos=1)
+        await client.subscribe(self._tasks_filter, qos=1)
         # Retained status messages list every registered agent; QoS 0 is
         # enough, a miss only costs one look-up request later.
-        await client.subscribe(t.all_agents(AgentChannel.STATUS), qos=0)
+        await client.subscribe(self._status_filter, qos=0)
         await client.subscribe(self.reply_topic, qos=1)
         if self._follow_events:
-            await client.subscribe(t.events_filter(), qos=0)
+            await client.subscribe(self._events_filter, qos=0)
 
     def _set_connected(self, up: bool) -> None:
         self._metrics.mqtt_connected.set(1 if up else 0)
@@ -122,38 +121,35 @@ class Bus:
             self._router.fail_all(
                 "The bridge lost its connection to the MQTT broker; retry shortly."
             )
-        self.on_connection(up)
 
     # --- incoming ------------------------------------------------------------
     def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+        topic = message.topic
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             return
         try:
-            if topic == self.reply_topic:
+            if topic.value == self.reply_topic:
                 self._router.resolve(bytes(payload))
-            elif topic.startswith(self._events_prefix):
+            elif topic.matches(self._tasks_filter):
+                self._on_task(topic.value, bytes(payload))
+            elif topic.matches(self._status_filter):
+                if payload:
+                    self._board.note_agent(
+                        self.topics.parse_agent(topic.value).agent_id
+                    )
+            elif self._follow_events and topic.matches(self._events_filter):
                 self._on_event(bytes(payload))
             else:
-                self._on_agent_message(topic, bytes(payload))
+                # amqtt hands a new client retained messages of topics it
+                # never subscribed to; they are none of our business.
+                self._metrics.mqtt_messages.labels("other", "ignored").inc()
         except KbbusError as exc:
             self._metrics.mqtt_messages.labels("other", "rejected").inc()
-            log.warning("message on %s rejected: %s", topic, exc)
+            log.warning("message on %s rejected: %s", topic.value, exc)
 
-    @property
-    def _events_prefix(self) -> str:
-        return f"{self.topics.root}/events/"
-
-    def _on_agent_message(self, topic: str, payload: bytes) -> None:
-        where = self.topics.parse_agent(topic)
-        agent_id = where.agent_id
-        if where.channel is AgentChannel.STATUS:
-            if payload:
-                self._board.note_agent(agent_id)
-            return
-        if where.channel is not AgentChannel.TASKS:
-            return
+    def _on_task(self, topic: str, payload: bytes) -> None:
+        agent_id = self.topics.parse_agent(topic).agent_id
         if not payload:
             self._board.set_task(agent_id, None)
             self._metrics.mqtt_messages.labels("task", "cleared").inc()
@@ -206,12 +202,11 @@ class Bus:
         task.add_done_callback(self._background.discard)
 
     async def _change_events(self, client: aiomqtt.Client, on: bool) -> None:
-        flt = self.topics.events_filter()
         try:
             if on:
-                await client.subscribe(flt, qos=0)
+                await client.subscribe(self._events_filter, qos=0)
             else:
-                await client.unsubscribe(flt)
+                await client.unsubscribe(self._events_filter)
         except aiomqtt.MqttError as exc:
             # The reconnect path subscribes again from the flag.
             log.warning("events subscription change failed: %s", exc)

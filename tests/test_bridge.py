@@ -21,6 +21,7 @@ import pytest
 from bridge_http import api_agent
 from bridge_http.app import run
 from bridge_http.settings import Settings
+from schemas import encode
 from schemas.messages import Event, EventKind, Task
 from tests.support.fake_controller import FakeController
 from tests.support.infra import BrokerHandle, free_port
@@ -559,3 +560,28 @@ async def test_stopping_answers_parked_polls_at_once(broker: BrokerHandle) -> No
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         assert time.perf_counter() - started < 3
+
+
+async def test_garbage_on_the_bus_is_counted_and_ignored(stack: Stack) -> None:
+    agent_id = await stack.register()
+    client = stack.controller.client
+    topics = stack.controller.topics
+    await client.publish(topics.tasks(agent_id), b"not json", qos=1, retain=True)
+    stray = await stack.controller.publish_task("someone-else")
+    misfiled = stray.model_copy(update={"task_id": "misfiled"})
+    await client.publish(topics.tasks(agent_id), encode(misfiled), qos=1)
+    await client.publish(topics.reply("kbbus-bridge-nobody"), b"{}", qos=1)
+
+    async def rejected() -> bool:
+        text = (await stack.http.get("/metrics")).text
+        return (
+            'kbbus_bridge_mqtt_messages_total{kind="other",outcome="rejected"} 1.0'
+            in text
+            and 'kbbus_bridge_mqtt_messages_total{kind="task",outcome="rejected"} 1.0'
+            in text
+        )
+
+    await async_wait_until(rejected, what="garbage counted")
+    assert await _status_of_quick_poll(stack, agent_id) == 204
+    task = await stack.controller.publish_task(agent_id)
+    assert (await stack.poll(agent_id, 5)).json()["task_id"] == task.task_id
