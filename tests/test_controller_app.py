@@ -3,13 +3,16 @@
 import asyncio
 import contextlib
 import functools
+import logging
 import signal
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
 
 import aiomqtt
 import httpx
+import pytest
 
 from schemas import decode, encode
 from schemas.bus import BusClient
@@ -351,3 +354,84 @@ async def test_python_m_controller_runs_and_stops_on_sigterm(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_reconnects_after_the_broker_restarts(
+    broker: BrokerHandle, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kbbus.controller")
+    async with running_controller(controller_settings(broker, db_url)) as rig:
+        await asyncio.to_thread(broker.restart)
+        await eventually(
+            lambda: caplog.text.count("connected to broker") >= 2,
+            timeout_s=10,
+            what="reconnected",
+        )
+        assert "broker connection lost or refused" in caplog.text
+        await eventually(
+            lambda: rig.metrics.value("kbbus_controller_mqtt_connected") == 1,
+            what="connected gauge",
+        )
+        async with bus(broker) as b:
+            agent = await b.register("after-broker-restart")
+            assert agent.status == "online"
+
+
+async def test_request_sent_while_the_controller_is_away_is_answered(
+    mosquitto_broker: BrokerHandle, db_url: str
+) -> None:
+    """Clean session off: the broker keeps QoS 1 requests for the controller."""
+    settings = controller_settings(mosquitto_broker, db_url)
+    async with running_controller(settings):
+        pass
+    async with bus(mosquitto_broker) as b:
+        request = b.new_request(RegisterRequest, hostname="early", agent_id=new_id())
+        pending = await b.send(RpcMethod.REGISTER, request)
+        async with running_controller(settings):
+            async with asyncio.timeout(10):
+                reply = decode(RegisterReply, await pending)
+        assert reply.agent is not None
+        assert reply.agent.agent_id == request.agent_id
+
+
+async def test_unacknowledged_request_is_redelivered_after_a_database_outage(
+    mosquitto_broker: BrokerHandle,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request whose transaction cannot commit is not acknowledged: the
+    controller waits for the database (and says so); stopped meanwhile, the
+    next controller gets the request again from the broker and answers it."""
+    caplog.set_level(logging.INFO, logger="kbbus.controller")
+    settings = controller_settings(mosquitto_broker, sqlite_url)
+    agent_id = new_id()
+    async with bus(mosquitto_broker) as b:
+        request = b.new_request(RegisterRequest, hostname="patient", agent_id=agent_id)
+        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        try:
+            async with running_controller(settings) as rig:
+                locker.execute("BEGIN EXCLUSIVE")
+                pending = await b.send(RpcMethod.REGISTER, request)
+                await eventually(
+                    lambda: "database unavailable" in caplog.text,
+                    timeout_s=15,
+                    what="outage logged",
+                )
+                assert not pending.done()
+                assert (
+                    rig.metrics.value(
+                        "kbbus_messages_processed_total", {"channel": "rpc"}
+                    )
+                    >= 1
+                )
+        finally:
+            locker.rollback()
+            locker.close()
+        with database(sqlite_url) as db:
+            assert await db.agent(agent_id) is None
+            async with running_controller(settings):
+                async with asyncio.timeout(10):
+                    reply = decode(RegisterReply, await pending)
+                assert reply.agent is not None
+                assert reply.agent.agent_id == agent_id
+                assert await db.agent(agent_id) is not None

@@ -1,8 +1,12 @@
 """Agents and presence against a real broker and database (each kind of both)."""
 
+import asyncio
 import signal
+import sys
 import time
 import uuid
+
+import httpx
 
 from schemas import encode
 from schemas.messages import (
@@ -13,6 +17,7 @@ from schemas.messages import (
 )
 from schemas.topics import RpcMethod
 from tests.support.controller_rig import (
+    REPO,
     AgentProcess,
     Bus,
     bus,
@@ -21,7 +26,7 @@ from tests.support.controller_rig import (
     eventually,
     running_controller,
 )
-from tests.support.infra import BrokerHandle
+from tests.support.infra import BrokerHandle, free_port, port_open
 from tests.support.wait import async_wait_until
 
 # How often the broker looks for silent clients. Mosquitto 2.0.11 (the Debian
@@ -295,3 +300,56 @@ async def test_subprocess_agent_reconnect_with_new_epoch(
                 await async_wait_until(back_online, timeout_s=5, what="reconnected")
             finally:
                 await second.stop()
+
+
+async def test_http_agent_through_the_bridge(broker: BrokerHandle, db_url: str) -> None:
+    """Register and heartbeat over real HTTP (the bridge as its own process),
+    then stop: the sweep marks the agent offline."""
+    http_port = free_port()
+    settings = controller_settings(
+        broker, db_url, offline_after_s=1.0, sweep_interval_s=0.25
+    )
+    async with running_controller(settings):
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge_http",
+            "--mqtt-url",
+            broker.url,
+            "--port",
+            str(http_port),
+            cwd=REPO,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{http_port}/api/v1"
+        try:
+            await eventually(
+                lambda: port_open(http_port), timeout_s=20, what="bridge listening"
+            )
+            async with httpx.AsyncClient(timeout=10) as http:
+                created = await http.post(
+                    f"{base}/agent/register",
+                    json={"hostname": "web-1", "ip_address": "10.0.0.7", "os": "linux"},
+                )
+                assert created.status_code == 201, created.text
+                agent_id = created.json()["agent_id"]
+                beat = await http.post(
+                    f"{base}/agent/heartbeat", json={"agent_id": agent_id}
+                )
+                assert beat.status_code == 200, beat.text
+                fake = await http.post(
+                    f"{base}/agent/heartbeat", json={"agent_id": "this-is-a-fake-id"}
+                )
+                assert fake.status_code == 404
+                agent = (await http.get(f"{base}/agents/{agent_id}")).json()
+                assert agent["status"] == "online"
+                assert agent["last_seen_at"] is not None
+
+                async def offline() -> bool:
+                    view = (await http.get(f"{base}/agents/{agent_id}")).json()
+                    return bool(view["status"] == "offline")
+
+                await async_wait_until(offline, timeout_s=4, what="offline over HTTP")
+        finally:
+            bridge.terminate()
+            await bridge.wait()

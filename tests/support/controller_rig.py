@@ -132,11 +132,16 @@ class Bus:
         *,
         timeout_s: float = 5.0,
     ) -> R:
+        future = await self.send(method, request)
+        async with asyncio.timeout(timeout_s):
+            return decode(reply_model, await future)
+
+    async def send(self, method: RpcMethod, request: Request) -> asyncio.Future[bytes]:
+        """Publish a request (the broker has it on return); its reply comes later."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._replies[request.request_id] = future
         await self.client.publish(self.topics.rpc(method), encode(request), qos=1)
-        async with asyncio.timeout(timeout_s):
-            return decode(reply_model, await future)
+        return future
 
     def new_request(self, model: type[Request], **fields: Any) -> Any:
         return model(request_id=uuid.uuid4().hex, reply_to=self.reply_to, **fields)
