@@ -30,6 +30,7 @@ from schemas.messages import (
     LookupKind,
     LookupReply,
     LookupRequest,
+    Task,
     TaskResult,
     TriggerReply,
     TriggerRequest,
@@ -204,21 +205,40 @@ async def controller_process(
         await proc.wait()
 
 
+class Watch:
+    """Every task and result on the bus, as the broker delivers them."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.results: list[TaskResult] = []
+
+    def answered(self) -> set[str]:
+        return {r.task_id for r in self.results}
+
+    def unanswered(self) -> set[str]:
+        return set(self.tasks) - self.answered()
+
+
 @contextlib.asynccontextmanager
-async def result_watch(broker: BrokerHandle) -> AsyncIterator[list[TaskResult]]:
-    """Every result any agent publishes, as the broker delivers them."""
-    seen: list[TaskResult] = []
+async def bus_watch(broker: BrokerHandle) -> AsyncIterator[Watch]:
+    watch = Watch()
     async with BusClient(broker.url, f"watch-{uuid.uuid4().hex[:8]}") as client:
         await client.subscribe(TOPICS.all_agents(AgentChannel.RESULTS), qos=1)
+        await client.subscribe(TOPICS.all_agents(AgentChannel.TASKS), qos=1)
 
         async def read() -> None:
             async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                seen.append(decode(TaskResult, message.payload))
+                payload = message.payload
+                assert isinstance(payload, bytes)
+                if message.topic.value.endswith("/results"):
+                    watch.results.append(decode(TaskResult, payload))
+                elif payload:
+                    task = decode(Task, payload)
+                    watch.tasks[task.task_id] = task
 
         reader = asyncio.create_task(read())
         try:
-            yield seen
+            yield watch
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -245,7 +265,7 @@ async def test_sigkilled_controller_finishes_every_workflow_after_restart(
     async with (
         contextlib.AsyncExitStack() as stack,
         bus(broker) as b,
-        result_watch(broker) as results,
+        bus_watch(broker) as watch,
     ):
         async with controller_process(broker, db_url, client_id) as first:
             await controller_answers(b)
@@ -257,19 +277,22 @@ async def test_sigkilled_controller_finishes_every_workflow_after_restart(
                 for kb_id, params in SHIPPED_RUNS[1::2]:
                     await trigger(b, agent_id, kb_id, params)
 
-            async def some_steps_done() -> bool:
-                return await db.steps_done() >= 2
+            # Kill while an agent has a task in hand: its result then comes
+            # while no controller listens.
+            async def mid_workflow() -> set[str]:
+                in_hand = watch.unanswered()
+                return in_hand if in_hand and await db.steps_done() >= 2 else set()
 
-            await async_wait_until(some_steps_done, timeout_s=20, what="steps done")
+            in_hand = await async_wait_until(
+                mid_workflow, timeout_s=20, what="a task in an agent's hands"
+            )
             first.kill()
             await first.wait()
-        # A result the dead controller never saw: lost work, unless recovered.
-        before = len(results)
 
-        async def result_while_down() -> bool:
-            return len(results) > before
+        async def answered_while_down() -> bool:
+            return bool(in_hand & watch.answered())
 
-        await async_wait_until(result_while_down, timeout_s=10, what="late result")
+        await async_wait_until(answered_while_down, timeout_s=10, what="late result")
 
         async with controller_process(broker, db_url, client_id):
             views = await db.wait_all_final(4, timeout_s=40)
@@ -278,7 +301,7 @@ async def test_sigkilled_controller_finishes_every_workflow_after_restart(
     # An agent that sees a task again answers with the stored result: every
     # result of one task is the same result, so no task ran twice.
     by_task: dict[str, set[object]] = {}
-    for result in results:
+    for result in watch.results:
         by_task.setdefault(result.task_id, set()).add(result.finished_at)
     assert all(len(times) == 1 for times in by_task.values()), by_task
     task_ids = {a.task_id for v in views for s in v.steps for a in s.attempts}
