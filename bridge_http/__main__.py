@@ -3,11 +3,13 @@
 import asyncio
 import contextlib
 import signal
+import sys
 
 from pydantic_settings import CliApp
 
 from bridge_http import logs
 from bridge_http.app import run
+from bridge_http.errors import CannotServe
 from bridge_http.settings import Settings
 
 
@@ -24,7 +26,11 @@ async def _main(settings: Settings) -> None:
 def main() -> None:
     settings = CliApp.run(Settings)
     logs.configure(settings.log_format, settings.log_level)
-    asyncio.run(_main(settings))
+    try:
+        asyncio.run(_main(settings))
+    except CannotServe as exc:
+        print(f"bridge_http: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

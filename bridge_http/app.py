@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Generator
 
 import uvicorn
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from bridge_http import api_agent, api_ops
 from bridge_http.core import Bridge
 from bridge_http.deps import BridgeDep
-from bridge_http.errors import BridgeError
+from bridge_http.errors import BridgeError, CannotServe
 from bridge_http.middleware import BodyLimit, CountRequests
 from bridge_http.models import Health
 from bridge_http.settings import Settings
@@ -172,28 +173,43 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)  # type: ignore[arg-type]
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket up front: a port in use is a clear error here,
+    where uvicorn would log it and exit the whole process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CannotServe(host, port, exc.strerror or exc) from None
+    return sock
+
+
 async def run(settings: Settings) -> None:
-    """Serve the bridge until cancelled, then shut down cleanly."""
+    """Serve the bridge until cancelled, then shut down cleanly.
+
+    Raises ``CannotServe`` if the HTTP address cannot be bound.
+    """
+    sock = _listen(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = _Server(config, app.state.bridge)
-    serving = asyncio.ensure_future(server.serve())
+    host, port = sock.getsockname()[:2]
+    log.info("serving HTTP on http://%s:%s", host, port)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     try:
         await asyncio.shield(serving)
     except asyncio.CancelledError:
         server.should_exit = True
         await serving
         raise
-    if not server.started:
-        raise SystemExit(
-            f"The bridge could not serve HTTP on {settings.host}:{settings.port}; "
-            "is the port (--port) in use?"
-        )
+    finally:
+        sock.close()

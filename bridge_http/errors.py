@@ -9,6 +9,8 @@
   ``ErrorCode`` picks the status (404, 409, 422, 503, 502).
 - ``BodyTooLarge`` (413): a request body or the message made of it is over
   the size limit.
+- ``CannotServe``: the bridge cannot listen on its address (at start, not
+  over HTTP).
 """
 
 from schemas.messages import ErrorCode
@@ -64,4 +66,12 @@ class BodyTooLarge(BridgeError):
         super().__init__(
             f"The request body of {what} is over the limit of {limit} bytes; "
             "send less output."
+        )
+
+
+class CannotServe(BridgeError):
+    def __init__(self, host: str, port: int, reason: object) -> None:
+        super().__init__(
+            f"The bridge cannot listen on {host}:{port} ({reason}); choose another "
+            "--port, or stop what uses it."
         )

@@ -20,6 +20,7 @@ import pytest
 
 from bridge_http import api_agent
 from bridge_http.app import run
+from bridge_http.errors import CannotServe
 from bridge_http.settings import Settings
 from schemas import encode
 from schemas.messages import Event, EventKind, Task
@@ -585,3 +586,12 @@ async def test_garbage_on_the_bus_is_counted_and_ignored(stack: Stack) -> None:
     assert await _status_of_quick_poll(stack, agent_id) == 204
     task = await stack.controller.publish_task(agent_id)
     assert (await stack.poll(agent_id, 5)).json()["task_id"] == task.task_id
+
+
+async def test_a_port_in_use_is_a_clear_error(broker: BrokerHandle) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(CannotServe, match=f"127.0.0.1:{port}.*--port"):
+            await run(Settings(mqtt_url=broker.url, port=port))
