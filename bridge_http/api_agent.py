@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from bridge_http.board import Waiter
 from bridge_http.deps import BridgeDep, errors
-from bridge_http.errors import BodyTooLarge, BridgeError
+from bridge_http.errors import BodyTooLarge, BridgeError, ControllerRefused
 from bridge_http.models import (
     HeartbeatAnswer,
     HeartbeatBody,
@@ -60,7 +60,7 @@ async def register(body: RegisterBody, bridge: BridgeDep) -> AgentView:
         os=body.os,
     )
     if reply.agent is None:
-        raise BridgeError("The controller answered register without an agent.")
+        raise ControllerRefused.malformed("register reply (no agent)")
     bridge.board.note_agent(reply.agent.agent_id)
     log.info(
         "agent registered over HTTP agent_id=%s hostname=%s",

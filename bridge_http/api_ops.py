@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bridge_http.core import Bridge
 from bridge_http.deps import BridgeDep, errors
-from bridge_http.errors import BridgeError, ControllerRefused
+from bridge_http.errors import ControllerRefused
 from bridge_http.models import CancelBody, TriggerAnswer, TriggerBody
 from schemas import encode
 from schemas.messages import (
@@ -56,7 +56,7 @@ async def trigger_kb(body: TriggerBody, bridge: BridgeDep) -> JSONResponse:
         idempotency_key=body.idempotency_key,
     )
     if reply.workflow is None:
-        raise BridgeError("The controller answered trigger without a workflow.")
+        raise ControllerRefused.malformed("trigger reply (no workflow)")
     wf = reply.workflow
     log.info(
         "KB triggered over HTTP agent_id=%s kb_id=%s workflow_id=%s created=%s",
@@ -93,7 +93,7 @@ async def cancel_workflow(
         reason=reason,
     )
     if reply.workflow is None:
-        raise BridgeError("The controller answered cancel without a workflow.")
+        raise ControllerRefused.malformed("cancel reply (no workflow)")
     log.info("workflow cancel requested over HTTP workflow_id=%s", workflow_id)
     return JSONResponse(reply.workflow.model_dump(mode="json"), status_code=202)
 

@@ -52,6 +52,11 @@ class ControllerTimeout(BridgeError):
 
 
 class ControllerRefused(BridgeError):
+    @classmethod
+    def malformed(cls, what: str) -> "ControllerRefused":
+        """The controller answered, but not with what the request needs."""
+        return cls(ErrorCode.INTERNAL, f"The controller sent a malformed {what}.")
+
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 from bridge_http.errors import BusUnavailable, ControllerRefused, ControllerTimeout
 from bridge_http.metrics import BridgeMetrics
 from schemas import MessageError, decode, encode
-from schemas.messages import ErrorCode, Reply, Request
+from schemas.messages import Reply, Request
 from schemas.topics import RpcMethod
 
 log = logging.getLogger("kbbus.bridge")
@@ -128,6 +128,10 @@ class RpcClient:
                 raise ControllerTimeout(method.value, self._timeout_s) from None
         finally:
             self._router.forget(request_id)
+            if future.done() and not future.cancelled():
+                # Failed by a disconnect while the publish was still out:
+                # mark the exception seen, the publish raised its own.
+                future.exception()
         self._metrics.rpc_latency.labels(method.value).observe(
             time.perf_counter() - started
         )
@@ -135,10 +139,7 @@ class RpcClient:
             reply = decode(reply_cls, payload)
         except MessageError as exc:
             log.warning("bad %s reply request_id=%s: %s", method.value, request_id, exc)
-            raise ControllerRefused(
-                ErrorCode.INTERNAL,
-                f"The controller sent a malformed {method.value} reply.",
-            ) from None
+            raise ControllerRefused.malformed(f"{method.value} reply") from None
         if reply.error is not None:
             raise ControllerRefused(reply.error.code, reply.error.message)
         return reply

@@ -23,7 +23,16 @@ from bridge_http.app import run
 from bridge_http.errors import CannotServe
 from bridge_http.settings import Settings
 from schemas import encode
-from schemas.messages import Event, EventKind, Task
+from schemas.messages import (
+    ErrorBody,
+    ErrorCode,
+    Event,
+    EventKind,
+    LookupReply,
+    RegisterReply,
+    Task,
+)
+from schemas.topics import RpcMethod
 from tests.support.fake_controller import FakeController
 from tests.support.infra import BrokerHandle, free_port
 from tests.support.wait import async_wait_until
@@ -595,3 +604,21 @@ async def test_a_port_in_use_is_a_clear_error(broker: BrokerHandle) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(CannotServe, match=f"127.0.0.1:{port}.*--port"):
             await run(Settings(mqtt_url=broker.url, port=port))
+
+
+async def test_a_controller_failure_is_502_not_500(stack: Stack) -> None:
+    fake = stack.controller
+    fake.overrides[RpcMethod.REGISTER] = lambda req: RegisterReply(
+        request_id=req.request_id
+    )
+    fake.overrides[RpcMethod.LOOKUP] = lambda req: LookupReply(
+        request_id=req.request_id,
+        error=ErrorBody(code=ErrorCode.INTERNAL, message="database is gone"),
+    )
+    body = {"hostname": "h"}
+    register = await stack.http.post("/api/v1/agent/register", json=body)
+    assert register.status_code == 502
+    assert "malformed register reply" in register.json()["detail"]
+    kbs = await stack.http.get("/api/v1/kbs")
+    assert kbs.status_code == 502
+    assert kbs.json() == {"detail": "database is gone"}

@@ -10,7 +10,7 @@ bridge's deadlines; ``hold`` keeps it from advancing after a result.
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -108,6 +108,8 @@ class FakeController:
         self.results: list[TaskResult] = []
         self.requests: list[tuple[RpcMethod, bytes]] = []
         self.heartbeats: list[str] = []
+        #: Replies to use instead of the real handlers, by method.
+        self.overrides: dict[RpcMethod, Callable[[Any], Reply]] = {}
         self._client: BusClient | None = None
 
     @property
@@ -144,7 +146,10 @@ class FakeController:
                 continue
             request_cls, handler = self._handlers[method]
             request = decode(request_cls, payload)
-            reply = await handler(self, request)
+            if method in self.overrides:
+                reply = self.overrides[method](request)
+            else:
+                reply = await handler(self, request)
             await client.publish(request.reply_to, encode(reply), qos=1)
 
     # --- helpers for tests ------------------------------------------------------
