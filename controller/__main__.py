@@ -2,11 +2,13 @@
 
 import asyncio
 import contextlib
+import logging
 import signal
 
 from controller.app import run
 from controller.logs import setup_logging
 from controller.settings import Settings
+from schemas.errors import KbbusError
 
 
 async def _main(settings: Settings) -> None:
@@ -23,7 +25,12 @@ async def _main(settings: Settings) -> None:
 def main() -> None:
     settings = Settings(_cli_parse_args=True)
     setup_logging(settings.log_format, settings.log_level)
-    asyncio.run(_main(settings))
+    try:
+        asyncio.run(_main(settings))
+    except KbbusError as exc:
+        # A broken KB file and the like: one clear line, not a traceback.
+        logging.getLogger("kbbus.controller").error("cannot start: %s", exc)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class Publisher:
         self._client = client
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.lost = 0
 
     async def publish(self, effects: Iterable[Publish]) -> None:
         for effect in effects:
@@ -137,8 +138,14 @@ class Publisher:
             )
         except aiomqtt.MqttError as exc:
             # The connection is gone; what mattered is committed, and the next
-            # connection republishes tasks (reconcile) and statuses (sweep).
-            mqtt_log.warning("publish lost: topic=%s error=%s", effect.topic, exc)
+            # connection republishes tasks (reconcile). Events may be lost.
+            self.lost += 1
+            if self.lost == 1:
+                mqtt_log.warning(
+                    "publishes lost with the connection, first: topic=%s error=%s",
+                    effect.topic,
+                    exc,
+                )
         finally:
             self._slots.release()
 
@@ -359,6 +366,7 @@ class Controller:
 
     async def _on_heartbeats(self, group: list[aiomqtt.Message]) -> None:
         now = utcnow()
+        accepted = 0
         for message in group:
             try:
                 agent_id, _ = self._decode(message, Heartbeat, HEARTBEAT)
@@ -367,7 +375,8 @@ class Controller:
                 self._ack([message])
                 continue
             self._heartbeats.add(agent_id, now, message if message.qos else None)
-        self.metrics.heartbeat_messages.inc(len(group))
+            accepted += 1
+        self.metrics.heartbeat_messages.inc(accepted)
         if self._heartbeats.full():
             await self._flush()
 

@@ -1,10 +1,11 @@
 """Tables of the controller's store (SQLAlchemy 2), and engine creation.
 
-Concurrency: ``agents.version`` and ``workflows.version`` are optimistic
-version counters (SQLAlchemy ``version_id_col``): a transition that raced with
-another controller fails with ``StaleDataError`` and is retried from fresh
-state. Set-based statements (heartbeat flush, presence sweep) bump nothing they
-do not need to.
+Concurrency: ``workflows.version`` is an optimistic version counter
+(SQLAlchemy ``version_id_col``): a transition that raced with another
+controller fails with ``StaleDataError`` and is retried from fresh state.
+Agent presence transitions are compare-and-set UPDATEs on ``(status, epoch)``
+(``controller.presence``), so agents need no version column; set-based
+statements (heartbeat flush, presence sweep) touch only the rows they match.
 """
 
 from datetime import UTC, datetime

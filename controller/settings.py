@@ -23,7 +23,10 @@ class Settings(BaseSettings):
     mqtt_url: str = Field(
         default="mqtt://127.0.0.1:1883", description="mqtt://[user:password@]host:port"
     )
-    db_url: str = "sqlite:///./.kbbus/kbbus.db"
+    db_url: str = Field(
+        default="sqlite:///./.kbbus/kbbus.db",
+        description="SQLAlchemy URL; PostgreSQL as postgresql+psycopg://...",
+    )
     topic_root: str = DEFAULT_ROOT
     client_id: str = Field(
         default="kbbus-controller-main",
@@ -32,8 +35,12 @@ class Settings(BaseSettings):
     kb_dir: Path | None = Field(default=None, description="Extra KB definition files.")
 
     # Presence.
-    offline_after_s: float = Field(default=30.0, gt=0)
-    sweep_interval_s: float = Field(default=5.0, gt=0)
+    offline_after_s: float = Field(
+        default=30.0, gt=0, description="Offline when silent this long (timer)."
+    )
+    sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the timer looks."
+    )
 
     # Processing.
     tick_interval_s: float = Field(default=0.5, gt=0, description="Engine timer.")
