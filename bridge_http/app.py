@@ -78,7 +78,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(Exception, _unexpected)
-    # Outermost first: counting sees the 413s the limit answers itself.
+    # Each add wraps the app so far: CountRequests, added last, is outermost
+    # and also counts the 413s that BodyLimit answers on its own.
     app.add_middleware(BodyLimit, limit_bytes=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=bridge.metrics)
     return app

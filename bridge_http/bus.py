@@ -83,6 +83,10 @@ class Bus:
                     log.warning("lost the broker at %s: %s", self.url, exc)
                 else:
                     log.warning("cannot reach the broker at %s: %s", self.url, exc)
+            except Exception:
+                # A bug in handling one message must not leave the bridge
+                # disconnected for good: start over with a fresh session.
+                log.exception("MQTT loop failed; reconnecting")
             finally:
                 self._client = None
                 if self.connected.is_set():
