@@ -72,6 +72,9 @@ def mosquitto_config(port: int, workdir: Path, extra: list[str] | None = None) -
         "log_dest stderr",
         "log_type error",
         "log_type warning",
+        # Started as root, Mosquitto drops to the ``mosquitto`` user, which
+        # cannot write the persistence file in a root-owned directory.
+        *(["user root"] if os.geteuid() == 0 else []),
         *(extra or []),
     ]
     return "\n".join(lines) + "\n"

@@ -112,6 +112,10 @@ class BrokerHandle:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            # Started as root, Mosquitto drops to the ``mosquitto`` user, which
+            # cannot write the persistence file in our root-owned temporary
+            # directory: every restart would silently start empty.
+            *(["user root"] if os.geteuid() == 0 else []),
             *self.extra_conf,
         ]
         return "\n".join(lines) + "\n"
