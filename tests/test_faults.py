@@ -18,8 +18,13 @@ import pytest
 
 from controller.store import upgrade
 from kbbus.stack import Process
+from schemas import decode
+from schemas.bus import BusClient
+from schemas.messages import AgentState, AgentStatus
+from schemas.topics import AgentChannel, Topics
 from tests.support.controller_rig import bus
 from tests.support.infra import BrokerHandle, fresh_postgres_database
+from tests.support.pg_cluster import private_postgres
 from tests.support.system import (
     Audit,
     Children,
@@ -34,6 +39,7 @@ from tests.support.system import (
 )
 from tests.support.wait import async_wait_until
 
+TOPICS = Topics()
 pytestmark = [pytest.mark.mosquitto, pytest.mark.postgres, pytest.mark.timeout(120)]
 
 
@@ -168,3 +174,179 @@ async def test_agent_sigkilled_mid_step_finishes_the_step_once(
         if s.step_index != killed.step_index or (s.workflow_id != killed.workflow_id)
     ]
     assert all(s.attempt == 1 and s.status == "succeeded" for s in others), others
+
+
+async def test_postgres_restart_while_results_and_heartbeats_flow(
+    mosquitto_broker: BrokerHandle, kb_dir: Path, tmp_path: Path
+) -> None:
+    """Invariant: with PostgreSQL down, the controller waits and retries (it
+    does not crash, it acknowledges nothing it has not committed) and catches
+    up once the database is back. Twice: a clean stop, then a crash of the
+    database during which the controller is SIGKILLed too, so the results it
+    held unacknowledged must come back from the broker. No result is lost,
+    no step runs twice."""
+    broker = mosquitto_broker
+    state_dir = tmp_path / "agents"
+    cid = client_id()
+    with private_postgres() as pg, Children() as children:
+        upgrade(pg.url)
+        audit = Audit(pg.url, [state_dir])
+
+        def new_controller() -> Process:
+            return controller_process(
+                tmp_path, broker.url, pg.url, client_id=cid, kb_dir=kb_dir
+            )
+
+        async with bus(broker) as b:
+            controller = children.start(new_controller())
+            await controller_answers(b)
+            children.start(
+                agents_process(
+                    tmp_path,
+                    broker.url,
+                    state_dir,
+                    count=4,
+                    latency_ms=250,
+                    heartbeat_s=0.3,
+                )
+            )
+            agent_ids = await audit.online(4)
+            for agent_id in agent_ids * 3:
+                await trigger(b, agent_id)
+            total = len(agent_ids) * 3
+
+            async def finished(n: int) -> None:
+                async def enough() -> bool:
+                    return await audit.steps_finished() >= n
+
+                await async_wait_until(enough, timeout_s=30, what=f"{n} steps")
+
+            async def results() -> int:
+                records = await asyncio.to_thread(read_records, [state_dir])
+                return sum(len(r.finished) for r in records.values())
+
+            async def answered_since(before: int) -> None:
+                """Until the agents answered more (the database is down)."""
+
+                async def more() -> bool:
+                    return await results() > before
+
+                await async_wait_until(more, timeout_s=10, what="results while down")
+
+            await finished(3)
+            # 1. A clean stop: the controller retries until it is back.
+            before = await results()
+            await asyncio.to_thread(pg.stop, "fast")
+            await answered_since(before)
+            assert controller.alive()
+            await asyncio.to_thread(pg.start)
+            await finished(12)
+            # 2. A crash, and the controller killed while it waits.
+            before = await results()
+            await asyncio.to_thread(pg.stop, "immediate")
+            await answered_since(before)
+            await stop(controller, signal.SIGKILL)
+            await asyncio.to_thread(pg.start)
+            children.start(new_controller())
+            snap = await audit.all_final(total, timeout_s=60)
+        audit.close()
+    log = (tmp_path / "controller.log").read_text()
+    assert "database unavailable" in log
+    assert "database available again" in log
+    check_no_loss(snap)
+    assert len(snap.workflows) == total
+
+
+async def retained(broker: BrokerHandle) -> dict[str, bytes]:
+    """Every retained status and task on the broker now.
+
+    A marker published after the subscription arrives after the retained
+    messages the subscription brought, so its arrival means all are in.
+    """
+    marker = f"kbbus-test/marker/{uuid.uuid4().hex}"
+    found: dict[str, bytes] = {}
+    async with BusClient(broker.url, f"retained-{uuid.uuid4().hex[:8]}") as client:
+        await client.subscribe(
+            [
+                (TOPICS.all_agents(AgentChannel.STATUS), 1),
+                (TOPICS.all_agents(AgentChannel.TASKS), 1),
+                (marker, 1),
+            ]
+        )
+        await client.publish(marker, b"x", qos=1)
+        async with asyncio.timeout(10):
+            async for message in client.messages:
+                if message.topic.value == marker:
+                    break
+                assert isinstance(message.payload, bytes)
+                if message.retain and message.payload:
+                    found[message.topic.value] = message.payload
+    return found
+
+
+def signal_all(processes: list[Process], sig: signal.Signals) -> None:
+    for process in processes:
+        process.signal(sig)
+
+
+async def test_broker_restart_keeps_retained_messages_and_loses_no_result(
+    mosquitto_broker: BrokerHandle, pg_url: str, kb_dir: Path, tmp_path: Path
+) -> None:
+    """Invariant: Mosquitto (persistence on) restarted twice mid-workflow:
+    under load, the controller and the agents reconnect by themselves and no
+    in-flight QoS 1 result is lost; with everyone frozen (SIGSTOP), every
+    retained status and task is the same after the restart as before. Every
+    workflow finishes, each step once."""
+    broker = mosquitto_broker
+    state_dir = tmp_path / "agents"
+    audit = Audit(pg_url, [state_dir])
+    with Children() as children:
+        async with bus(broker) as b:
+            controller = children.start(
+                controller_process(
+                    tmp_path, broker.url, pg_url, client_id=client_id(), kb_dir=kb_dir
+                )
+            )
+            await controller_answers(b)
+            agents = children.start(
+                agents_process(tmp_path, broker.url, state_dir, count=4, latency_ms=250)
+            )
+            agent_ids = await audit.online(4)
+            for agent_id in agent_ids * 2:
+                await trigger(b, agent_id)
+        total = len(agent_ids) * 2
+
+        async def finished(n: int) -> None:
+            async def enough() -> bool:
+                return await audit.steps_finished() >= n
+
+            await async_wait_until(enough, timeout_s=30, what=f"{n} steps")
+
+        await finished(3)
+        await asyncio.to_thread(broker.restart)
+        await finished(10)
+        signal_all([controller, agents], signal.SIGSTOP)
+        try:
+            frozen = await retained(broker)
+            assert {t.rsplit("/", 1)[1] for t in frozen} == {"status", "tasks"}
+            await asyncio.to_thread(broker.restart)
+            after = await retained(broker)
+        finally:
+            signal_all([controller, agents], signal.SIGCONT)
+        snap = await audit.all_final(total, timeout_s=60)
+        assert len(await audit.online(4)) == 4
+    audit.close()
+    assert after.keys() == frozen.keys()
+    for topic, payload in frozen.items():
+        if topic.endswith("/tasks"):
+            assert after[topic] == payload
+        else:
+            # Mosquitto publishes the Wills of the connected clients as it
+            # shuts down: the status survives as that connection's Will.
+            was, now = decode(AgentStatus, payload), decode(AgentStatus, after[topic])
+            assert (now.state, now.reason, now.epoch) in {
+                (was.state, was.reason, was.epoch),
+                (AgentState.OFFLINE, "will", was.epoch),
+            }
+    check_no_loss(snap)
+    assert len(snap.workflows) == total
