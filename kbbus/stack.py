@@ -74,10 +74,15 @@ def mosquitto_config(port: int, workdir: Path, extra: list[str] | None = None) -
         "log_type warning",
         # Started as root, Mosquitto drops to the ``mosquitto`` user, which
         # cannot write the persistence file in a root-owned directory.
-        *(["user root"] if os.geteuid() == 0 else []),
+        *(["user root"] if os.geteuid() == 0 and not _sets_user(extra) else []),
         *(extra or []),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _sets_user(extra: list[str] | None) -> bool:
+    """Mosquitto refuses a config that names ``user`` twice."""
+    return any(line.split()[:1] == ["user"] for line in extra or [])
 
 
 @dataclass

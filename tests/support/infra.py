@@ -115,10 +115,14 @@ class BrokerHandle:
             # Started as root, Mosquitto drops to the ``mosquitto`` user, which
             # cannot write the persistence file in our root-owned temporary
             # directory: every restart would silently start empty.
-            *(["user root"] if os.geteuid() == 0 else []),
+            *(["user root"] if os.geteuid() == 0 and not self._sets_user() else []),
             *self.extra_conf,
         ]
         return "\n".join(lines) + "\n"
+
+    def _sets_user(self) -> bool:
+        """Mosquitto refuses a config that names ``user`` twice."""
+        return any(line.split()[:1] == ["user"] for line in self.extra_conf)
 
     def _start_mosquitto(self) -> None:
         binary = shutil.which("mosquitto") or (
