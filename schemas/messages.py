@@ -65,7 +65,9 @@ class Heartbeat(Message):
 class Task(Message):
     """An agent's current task, retained on ``agents/{id}/tasks``.
 
-    ``signature`` and ``nonce`` are reserved for signed envelopes.
+    ``signature`` (Ed25519, base64url) covers every other field; ``key_id``
+    names the controller key that made it and ``nonce`` makes each envelope
+    unique, so a replayed one can be told apart.
     """
 
     task_id: Id
@@ -81,6 +83,7 @@ class Task(Message):
     issued_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime
     nonce: ShortText | None = None
+    key_id: ShortText | None = None
     signature: ShortText | None = None
 
 
@@ -141,10 +144,23 @@ class RegisterRequest(Request):
     agent_id: Id | None = Field(
         default=None, description="An agent that registers again keeps its id."
     )
+    enrolment_token: ShortText | None = Field(
+        default=None, description="The operator's enrolment token, when one is set."
+    )
+
+
+class SigningKey(BaseModel):
+    """A controller public key that agents accept task signatures from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: ShortText
+    public_key: ShortText = Field(description="Ed25519 public key, base64url, raw.")
 
 
 class RegisterReply(Reply):
     agent: AgentView | None = None
+    signing_keys: list[SigningKey] = Field(default_factory=list, max_length=16)
 
 
 class HeartbeatRequest(Request):
