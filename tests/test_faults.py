@@ -9,29 +9,35 @@ in the database. Network faults are in ``test_faults_network.py``.
 """
 
 import asyncio
+import contextlib
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller.store import upgrade
 from kbbus.stack import Process
 from schemas import decode
 from schemas.bus import BusClient
-from schemas.messages import AgentState, AgentStatus
+from schemas.messages import AgentState, AgentStatus, ResultStatus, Task, TaskResult
 from schemas.topics import AgentChannel, Topics
 from tests.support.controller_rig import bus
-from tests.support.infra import BrokerHandle, fresh_postgres_database
+from tests.support.infra import BrokerHandle, free_port, fresh_postgres_database
 from tests.support.pg_cluster import private_postgres
 from tests.support.system import (
+    FAULT_KB_STEPS,
+    AgentRecord,
     Audit,
     Children,
     agents_process,
+    bridge_process,
     check_no_loss,
     controller_answers,
     controller_process,
+    http_agents_process,
     read_records,
     stop,
     trigger,
@@ -350,3 +356,148 @@ async def test_broker_restart_keeps_retained_messages_and_loses_no_result(
             }
     check_no_loss(snap)
     assert len(snap.workflows) == total
+
+
+class RawHttpAgent:
+    """An HTTP agent written out by hand, to see every answer a poll gets."""
+
+    def __init__(self, http: httpx.AsyncClient, agent_id: str) -> None:
+        self.http = http
+        self.agent_id = agent_id
+        #: The answer to every poll: an HTTP status code or an error's name.
+        self.answers: list[int | str] = []
+        self.tasks: dict[str, Task] = {}
+        self.results: dict[str, TaskResult] = {}
+
+    @classmethod
+    async def register(cls, http: httpx.AsyncClient) -> "RawHttpAgent":
+        body = {"hostname": "raw-http", "ip_address": "127.0.0.1", "os": "test"}
+        response = await http.post("/api/v1/agent/register", json=body)
+        assert response.status_code == 201, response.text
+        return cls(http, response.json()["agent_id"])
+
+    async def parked(self) -> bool:
+        """Whether the bridge has a long poll of ours waiting (its metric)."""
+        try:
+            text = (await self.http.get("/metrics")).text
+        except httpx.HTTPError:
+            return False
+        return "kbbus_bridge_longpoll_waiters 1.0" in text
+
+    async def run(self) -> None:
+        while True:
+            try:
+                response = await self.http.get(
+                    "/api/v1/agent/tasks",
+                    params={"agent_id": self.agent_id, "timeout": 20},
+                    timeout=25,
+                )
+            except httpx.HTTPError as exc:
+                self.answers.append(type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            self.answers.append(response.status_code)
+            if response.status_code == 200:
+                await self._answer(decode(Task, response.content))
+            elif response.status_code != 204:
+                await asyncio.sleep(0.1)
+
+    async def _answer(self, task: Task) -> None:
+        self.tasks[task.task_id] = task
+        result = self.results.get(task.task_id) or TaskResult(
+            agent_id=self.agent_id,
+            task_id=task.task_id,
+            status=ResultStatus.SUCCEEDED,
+            exit_code=0,
+            output=f"raw {uuid.uuid4().hex}",
+        )
+        self.results[task.task_id] = result
+        body = result.model_dump(mode="json", exclude_none=True)
+        while True:
+            try:
+                response = await self.http.post(
+                    "/api/v1/agent/tasks/results", json=body
+                )
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+                continue
+            if response.status_code == 202:
+                return
+            await asyncio.sleep(0.1)
+
+    def record(self) -> AgentRecord:
+        return AgentRecord(self.agent_id, dict(self.results), [])
+
+
+async def test_bridge_restart_with_long_polls_waiting_loses_no_task(
+    mosquitto_broker: BrokerHandle, pg_url: str, kb_dir: Path, tmp_path: Path
+) -> None:
+    """Invariant: a long poll waiting when the bridge stops (SIGTERM, then
+    SIGKILL) gets an error or an empty answer or its task, never a lost task:
+    tasks dispatched while the bridge is down reach the agent after the
+    restart. HTTP agents work across the restarts; every workflow finishes,
+    each step once, every result from both kinds of agent in the database."""
+    broker = mosquitto_broker
+    state_dir = tmp_path / "http-agents"
+    audit = Audit(pg_url, [state_dir])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with Children() as children:
+        async with bus(broker) as b, httpx.AsyncClient(base_url=base) as http:
+            children.start(
+                controller_process(
+                    tmp_path, broker.url, pg_url, client_id=client_id(), kb_dir=kb_dir
+                )
+            )
+            await controller_answers(b)
+            bridge = children.start(bridge_process(tmp_path, broker.url, port))
+            await async_wait_until(bridge_ready(http), timeout_s=20, what="bridge up")
+            raw = await RawHttpAgent.register(http)
+            polling = asyncio.create_task(raw.run())
+            try:
+                children.start(
+                    http_agents_process(
+                        tmp_path, base, state_dir, count=2, latency_ms=250
+                    )
+                )
+                others = [a for a in await audit.online(3) if a != raw.agent_id]
+                for agent_id in others * 2:
+                    await trigger(b, agent_id)
+                total = len(others) * 2
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    await async_wait_until(raw.parked, what="a parked long poll")
+                    answered = len(raw.answers)
+                    await stop(bridge, sig)
+                    # Dispatched while no bridge listens: retained, not lost.
+                    await trigger(b, raw.agent_id)
+                    total += 1
+                    bridge = children.start(bridge_process(tmp_path, broker.url, port))
+                    await async_wait_until(
+                        bridge_ready(http), timeout_s=20, what="bridge back"
+                    )
+                    # The poll parked at the stop was answered somehow.
+                    assert len(raw.answers) > answered
+                snap = await audit.all_final(total, timeout_s=60)
+            finally:
+                polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling
+    audit.close()
+    snap.records[raw.agent_id] = raw.record()
+    check_no_loss(snap)
+    assert all(a in (200, 204, 503) or isinstance(a, str) for a in raw.answers), (
+        raw.answers
+    )
+    raw_tasks = {s.task_id for s in snap.steps if s.agent_id == raw.agent_id}
+    assert len(raw_tasks) == 2 * FAULT_KB_STEPS
+    assert raw_tasks <= set(raw.tasks)
+
+
+def bridge_ready(http: httpx.AsyncClient) -> Callable[[], Awaitable[bool]]:
+    async def ready() -> bool:
+        try:
+            return (await http.get("/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return ready
