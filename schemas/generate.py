@@ -37,6 +37,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "lookup-request": m.LookupRequest,
     "lookup-reply": m.LookupReply,
     "event": m.Event,
+    "controller-keys": m.ControllerKeys,
     "kb-definition": KBDefinition,
 }
 
@@ -147,6 +148,15 @@ CHANNELS: list[tuple[str, str, str, int, bool, list[str], str]] = [
             "lookup-reply",
         ],
         "Replies, on the topic a request named in reply_to, with its request_id.",
+    ),
+    (
+        "controllerKeys",
+        "controller/keys",
+        "controller",
+        1,
+        True,
+        ["controller-keys"],
+        "The keys agents accept task signatures from, signed by each of them.",
     ),
     (
         "agentEvents",

@@ -123,6 +123,8 @@ class ErrorCode(StrEnum):
     INVALID = "invalid"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    #: A missing or wrong enrolment token or agent password.
+    UNAUTHORIZED = "unauthorized"
 
 
 class ErrorBody(BaseModel):
@@ -147,6 +149,11 @@ class RegisterRequest(Request):
     enrolment_token: ShortText | None = Field(
         default=None, description="The operator's enrolment token, when one is set."
     )
+    mqtt_password: ShortText | None = Field(
+        default=None,
+        description="A known agent registering again proves itself with its own "
+        "MQTT password instead of the enrolment token.",
+    )
 
 
 class SigningKey(BaseModel):
@@ -156,6 +163,29 @@ class SigningKey(BaseModel):
 
     key_id: ShortText
     public_key: ShortText = Field(description="Ed25519 public key, base64url, raw.")
+
+
+class KeySignature(BaseModel):
+    """One controller key's signature over a ``ControllerKeys`` set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key_id: ShortText
+    signature: ShortText = Field(description="Ed25519 signature, base64url.")
+
+
+class ControllerKeys(Message):
+    """The controller's signing keys, retained on ``controller/keys``.
+
+    Every listed key signs the set, so an agent that trusts any one of them
+    accepts a newer set: that is how keys rotate without agents registering
+    again. The first key is the one that signs tasks; ``issued_at`` only moves
+    forward, so an older set cannot be played back.
+    """
+
+    keys: list[SigningKey] = Field(min_length=1, max_length=16)
+    issued_at: datetime = Field(default_factory=utcnow)
+    signatures: list[KeySignature] = Field(default_factory=list, max_length=16)
 
 
 class RegisterReply(Reply):

@@ -8,6 +8,7 @@ Default root ``kbbus/v1``::
     {root}/agents/{agent_id}/results     task outcomes
     {root}/rpc/{method}                  requests to the controller
     {root}/replies/{client_id}           replies, named by the request's reply_to
+    {root}/controller/keys               retained controller signing keys
     {root}/events/agents/{agent_id}/{kind}
     {root}/events/workflows/{workflow_id}/{kind}
 """
@@ -112,6 +113,10 @@ class Topics:
 
     def is_reply(self, topic: str) -> bool:
         return topic.startswith(f"{self.root}/replies/")
+
+    # --- controller
+    def controller_keys(self) -> str:
+        return f"{self.root}/controller/keys"
 
     # --- events
     def agent_event(self, agent_id: str, kind: str) -> str:
