@@ -536,12 +536,18 @@ class Controller:
 
         def work(
             session: Session, batch: list[tuple[aiomqtt.Message, str, TaskResult]]
-        ) -> list[Publish]:
+        ) -> tuple[list[Publish], list[TaskResult]]:
             now = utcnow()
             effects: list[Publish] = []
+            ignored: list[TaskResult] = []
             for _, agent_id, result in batch:
-                effects += self.engine.handle_result(session, agent_id, result, now)
-            return effects
+                fx = self.engine.handle_result(session, agent_id, result, now)
+                # An accepted result always publishes (a step.finished event at
+                # least); none means its attempt had already ended.
+                if not fx:
+                    ignored.append(result)
+                effects += fx
+            return effects, ignored
 
         for batch, outcome in await self._in_batches(items, work):
             if isinstance(outcome, EngineError):
@@ -552,8 +558,24 @@ class Controller:
             elif isinstance(outcome, BaseException):
                 self._failed(RESULTS, batch[0][1], outcome)
             else:
-                await self._publish(outcome)
+                effects, ignored = outcome
+                self._duplicates(ignored)
+                await self._publish(effects)
             self._ack(m for m, _, _ in batch)
+
+    def _duplicates(self, results: list[TaskResult]) -> None:
+        """Count results that changed nothing (replayed, or after a timeout).
+
+        Normal after a reconnect (agents answer republished tasks again), so
+        counted, not warned about.
+        """
+        for result in results:
+            self.metrics.reject("duplicate", RESULTS)
+            mqtt_log.debug(
+                "result for an ended attempt ignored: agent_id=%s task_id=%s",
+                result.agent_id,
+                result.task_id,
+            )
 
     # --- requests ----------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from schemas.messages import (
     RegisterReply,
     RegisterRequest,
     Request,
+    ResultStatus,
     TaskResult,
     TriggerReply,
     TriggerRequest,
@@ -44,6 +45,7 @@ from schemas.topics import AgentChannel, RpcMethod, Topics
 from tests.support.controller_rig import Bus, bus
 from tests.support.infra import BrokerHandle, free_port
 from tests.support.system import (
+    Audit,
     Children,
     controller_answers,
     controller_process,
@@ -348,3 +350,44 @@ async def test_every_bad_input_is_refused_and_counted_once(
         assert fresh.status == "online"
         assert controller.alive()
         assert stray == []
+
+
+@pytest.mark.timeout(60)
+async def test_replayed_results_change_nothing_and_are_counted(
+    broker: BrokerHandle, migrated: str, tmp_path: Path
+) -> None:
+    """Invariant: a result replayed after its attempt ended (an old message
+    again, or a different outcome for the same task) changes nothing in the
+    database and is counted as a duplicate, once per message."""
+    audit = Audit(migrated)
+    async with controller_with_metrics(broker, migrated, tmp_path) as (_, m, b):
+        agent_id = (await b.register("replayer", agent_id=str(uuid.uuid4()))).agent_id
+        workflow = await trigger(b, agent_id)
+        task_id = workflow.steps[0].attempts[0].task_id
+        first = TaskResult(
+            agent_id=agent_id,
+            task_id=task_id,
+            status=ResultStatus.SUCCEEDED,
+            output="the first answer",
+        )
+        await b.client.publish(T.results(agent_id), encode(first), qos=1)
+
+        async def next_step() -> bool:
+            snap = await audit.snapshot()
+            return any(s.step_index == 1 for s in snap.steps)
+
+        await async_wait_until(next_step, what="the second step dispatched")
+        other = first.model_copy(
+            update={"status": ResultStatus.FAILED, "output": "a later answer"}
+        )
+        for replay in (first, other, first):
+            await b.client.publish(T.results(agent_id), encode(replay), qos=1)
+        counted = await m.wait_rejected(
+            collections.Counter({("duplicate", "results"): 3})
+        )
+        assert counted[("duplicate", "results")] == 3
+    snap = await audit.snapshot()
+    audit.close()
+    (step,) = [s for s in snap.steps if s.task_id == task_id]
+    assert (step.status, step.output) == ("succeeded", "the first answer")
+    assert [s.step_index for s in snap.steps if s.status != "dispatched"] == [0]
