@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import DEFAULT_ROOT
@@ -54,6 +54,25 @@ class Settings(BaseSettings):
     mqtt_keepalive_s: int = Field(default=30, ge=1, le=65535)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    # Task signing and HTTP agent tokens (see controller/signing.py).
+    signing_key_dir: Path = Field(
+        default=Path("./.kbbus/keys"),
+        description="Ed25519 task-signing keys; a key is made on first start.",
+    )
+    sign_tasks: bool = Field(
+        default=True,
+        description="Sign every task; false only for an open lab (agents that "
+        "already hold keys refuse unsigned tasks).",
+    )
+    signing_key_check_s: float = Field(
+        default=5.0, gt=0, description="How often to look for rotated keys."
+    )
+    agent_secret: SecretStr | None = Field(
+        default=None,
+        description="Secret the HTTP agents' tokens are derived from; the bridge "
+        "needs the same one. Unset: no HTTP tokens are issued.",
+    )
 
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = off.")
     metrics_host: str = "127.0.0.1"
