@@ -51,11 +51,20 @@ from controller.presence import (
 from controller.registry import count_by_status
 from controller.rpc import Call, Rejected, Rpc, RpcError, refusal, reply_publish
 from controller.settings import Settings
+from controller.signing import Keyring, TaskSealer, agent_http_token
 from controller.store import BACKOFF_MAX_S, Store, is_unavailable, upgrade
 from schemas.bus import BusClient
-from schemas.codec import decode
+from schemas.codec import decode, encode
 from schemas.errors import MessageError, TopicError
-from schemas.messages import AgentState, AgentStatus, Heartbeat, TaskResult, utcnow
+from schemas.messages import (
+    AgentState,
+    AgentStatus,
+    Heartbeat,
+    RegisterReply,
+    Reply,
+    TaskResult,
+    utcnow,
+)
 from schemas.topics import AgentChannel, Topics
 
 log = logging.getLogger("kbbus.controller")
@@ -162,6 +171,7 @@ class Controller:
         engine: Engine,
         catalog: KBCatalog,
         metrics: Metrics,
+        keyring: Keyring | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -182,6 +192,8 @@ class Controller:
         self._heartbeats = HeartbeatBuffer(settings.heartbeat_flush_size)
         self._flush_lock = asyncio.Lock()
         self._connected_at = 0.0
+        self._keyring = keyring
+        self._sealer = TaskSealer(self.topics, keyring) if keyring else None
 
     # --- connection ------------------------------------------------------------
 
@@ -242,8 +254,14 @@ class Controller:
             await client.subscribe(topic_filter, qos=1)
         self._connected_at = time.monotonic()
         self.metrics.mqtt_connected.set(1)
+        # Before any task: an agent meets a new key in the set first.
+        await self._announce_keys(client)
         await self._reconcile()
         async with asyncio.TaskGroup() as tasks:
+            if self._keyring is not None:
+                tasks.create_task(
+                    self._every(self.settings.signing_key_check_s, self._check_keys)
+                )
             tasks.create_task(self._consume(client))
             tasks.create_task(self._every(self._heartbeat_flush_s, self._flush))
             tasks.create_task(self._every(self.settings.sweep_interval_s, self._sweep))
@@ -265,6 +283,8 @@ class Controller:
 
     async def _publish(self, effects: Sequence[Publish]) -> None:
         if effects and self._pub is not None:
+            if self._sealer is not None:
+                effects = self._sealer.seal(effects)
             await self._pub.publish(effects)
 
     def _ack(self, messages: Iterable[object]) -> None:
@@ -624,7 +644,66 @@ class Controller:
                 reg.created,
             )
         self._log_transitions(outcome.transitions)
-        return [*outcome.effects, reply_publish(reply_to, outcome.reply)]
+        return [
+            *outcome.effects,
+            reply_publish(reply_to, self._credentials(outcome.reply)),
+        ]
+
+    def _credentials(self, reply: Reply) -> Reply:
+        """A registration reply with the signing keys and the HTTP token."""
+        if not isinstance(reply, RegisterReply) or reply.agent is None:
+            return reply
+        update: dict[str, Any] = {}
+        if self._keyring is not None:
+            update["signing_keys"] = self._keyring.signing_keys()
+        secret = self.settings.agent_secret
+        token = agent_http_token(
+            secret.get_secret_value() if secret else None, reply.agent.agent_id
+        )
+        if token is not None:
+            credentials = {**(reply.agent.credentials or {}), "http_token": token}
+            update["agent"] = reply.agent.model_copy(
+                update={"credentials": credentials}
+            )
+        return reply.model_copy(update=update) if update else reply
+
+    # --- signing keys ------------------------------------------------------------
+
+    async def _announce_keys(self, client: BusClient) -> None:
+        """Publish the key set, retained, signed by each of its keys."""
+        if self._keyring is None:
+            return
+        await client.publish(
+            self.topics.controller_keys(),
+            encode(self._keyring.key_set()),
+            qos=1,
+            retain=True,
+        )
+        log.info(
+            "signing keys published: active=%s keys=%s",
+            self._keyring.active_key_id,
+            ",".join(self._keyring.key_ids),
+        )
+
+    async def _check_keys(self) -> None:
+        """Pick up keys rotated or retired in the key directory meanwhile."""
+        assert self._keyring is not None
+        assert self._sealer is not None
+        fresh = await asyncio.to_thread(self._keyring.reload)
+        if fresh is None:
+            return
+        log.info(
+            "signing keys changed on disk: active=%s (was %s)",
+            fresh.active_key_id,
+            self._keyring.active_key_id,
+        )
+        self._keyring = fresh
+        client = self._client
+        if client is not None:
+            # Announced before the sealer switches: no task signed by the new
+            # key is published before the set that names it.
+            await self._announce_keys(client)
+        self._sealer.keyring = fresh
 
     # --- timers ----------------------------------------------------------------
 
@@ -696,6 +775,14 @@ async def run(settings: Settings, *, metrics: Metrics | None = None) -> None:
     metrics = metrics or Metrics()
     await _upgrade(settings.db_url)
     catalog = KBCatalog.load(*([settings.kb_dir] if settings.kb_dir else []))
+    keyring: Keyring | None = None
+    if settings.sign_tasks:
+        keyring = await asyncio.to_thread(Keyring.load, settings.signing_key_dir)
+    else:
+        log.warning(
+            "task signing is OFF (--sign-tasks false): agents without keys run "
+            "whatever is published on their task topic"
+        )
     engine = Engine(catalog, Topics(settings.topic_root))
     store = Store(settings.db_url)
     stop_metrics = (
@@ -704,13 +791,14 @@ async def run(settings: Settings, *, metrics: Metrics | None = None) -> None:
         else None
     )
     log.info(
-        "controller starting: client_id=%s db=%s kbs=%d",
+        "controller starting: client_id=%s db=%s kbs=%d signing_key=%s",
         settings.client_id,
         make_url(settings.db_url).render_as_string(hide_password=True),
         len(catalog.kbs),
+        keyring.active_key_id if keyring else "off",
     )
     try:
-        await Controller(settings, store, engine, catalog, metrics).serve()
+        await Controller(settings, store, engine, catalog, metrics, keyring).serve()
     finally:
         if stop_metrics is not None:
             stop_metrics()
