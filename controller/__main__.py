@@ -4,6 +4,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
+
+from pydantic import ValidationError
 
 from controller.app import run
 from controller.logs import setup_logging
@@ -23,7 +26,13 @@ async def _main(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings(_cli_parse_args=True)
+    try:
+        settings = Settings(_cli_parse_args=True)
+    except ValidationError as exc:
+        # A missing or contradictory flag: one line per problem, no traceback.
+        for error in exc.errors():
+            print(f"python -m controller: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
     setup_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_main(settings))

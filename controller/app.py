@@ -59,6 +59,7 @@ from schemas.errors import MessageError, TopicError
 from schemas.messages import (
     AgentState,
     AgentStatus,
+    ErrorCode,
     Heartbeat,
     RegisterReply,
     Reply,
@@ -178,7 +179,13 @@ class Controller:
         self.engine = engine
         self.metrics = metrics
         self.topics = Topics(settings.topic_root)
-        self.rpc = Rpc(self.topics, engine, catalog)
+        self.rpc = Rpc(
+            self.topics,
+            engine,
+            catalog,
+            settings.enrolment(),
+            mosquitto_dynsec=settings.mosquitto_dynsec,
+        )
         self._filters = {
             self.topics.all_agents(AgentChannel.STATUS): STATUS,
             self.topics.all_agents(AgentChannel.HEARTBEAT): HEARTBEAT,
@@ -626,6 +633,8 @@ class Controller:
         try:
             outcome = await self.store.run(self.rpc.work(call, utcnow()))
         except (RpcError, EngineError) as exc:
+            if isinstance(exc, RpcError) and exc.code is ErrorCode.UNAUTHORIZED:
+                self._refused_enrolment(call)
             return [reply_publish(reply_to, refusal(call, exc))]
         except Exception as exc:
             log.error(
@@ -704,6 +713,17 @@ class Controller:
             # key is published before the set that names it.
             await self._announce_keys(client)
         self._sealer.keyring = fresh
+
+    def _refused_enrolment(self, call: Call) -> None:
+        # Counted and logged without what was sent: it may be a secret.
+        self.metrics.reject("unauthorized", RPC)
+        agent_id = getattr(call.request, "agent_id", None)
+        if self._logged.first(("unauthorized", agent_id)):
+            log.warning(
+                "registration refused: no valid enrolment token or agent password: "
+                "agent_id=%s (logged once per agent id)",
+                agent_id,
+            )
 
     # --- timers ----------------------------------------------------------------
 

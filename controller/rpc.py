@@ -15,6 +15,8 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from controller.credentials import MQTT_PASSWORD, Enrolment, EnrolmentRefused
+from controller.dynsec import agent_commands
 from controller.effects import Publish
 from controller.engine import Engine, EngineError
 from controller.kb import KBCatalog
@@ -68,6 +70,7 @@ REPLIES: dict[RpcMethod, type[Reply]] = {
     RpcMethod.TASK_CHECK: TaskCheckReply,
     RpcMethod.LOOKUP: LookupReply,
 }
+OPEN_ENROLMENT = Enrolment(token=None, agent_secret=None)
 _REPLY_LEVEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 
@@ -139,10 +142,20 @@ def error_reply(
 
 
 class Rpc:
-    def __init__(self, topics: Topics, engine: Engine, catalog: KBCatalog) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        engine: Engine,
+        catalog: KBCatalog,
+        enrolment: Enrolment = OPEN_ENROLMENT,
+        *,
+        mosquitto_dynsec: bool = False,
+    ) -> None:
         self.topics = topics
         self.engine = engine
         self.catalog = catalog
+        self.enrolment = enrolment
+        self.mosquitto_dynsec = mosquitto_dynsec
 
     def parse(self, topic: str, payload: bytes) -> Call:
         """The request in a message, or ``Rejected``."""
@@ -198,11 +211,28 @@ class Rpc:
     # --- methods ---------------------------------------------------------------
 
     def _register(self, s: Session, request: RegisterRequest, now: datetime) -> Outcome:
+        known = request.agent_id is not None and get_agent(s, request.agent_id)
+        try:
+            self.enrolment.admit(request, known=bool(known))
+        except EnrolmentRefused as exc:
+            raise RpcError(ErrorCode.UNAUTHORIZED, str(exc)) from None
         reg = register(s, request, now)
         agent = reg.agent
+        credentials = self.enrolment.credentials(agent.agent_id)
+        account: list[Publish] = []
+        if credentials is not None:
+            agent = agent.model_copy(update={"credentials": credentials})
+            if self.mosquitto_dynsec:
+                # Before the reply: the account exists when the agent uses it.
+                account.append(
+                    agent_commands(
+                        self.topics.root, agent.agent_id, credentials[MQTT_PASSWORD]
+                    )
+                )
         # After every registration, the agent's current state, retained: the
         # status topics list the whole fleet.
         effects = [
+            *account,
             status_message(
                 self.topics,
                 agent.agent_id,

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from controller.credentials import Enrolment
 from schemas.topics import DEFAULT_ROOT
 
 
@@ -70,8 +71,23 @@ class Settings(BaseSettings):
     )
     agent_secret: SecretStr | None = Field(
         default=None,
-        description="Secret the HTTP agents' tokens are derived from; the bridge "
-        "needs the same one. Unset: no HTTP tokens are issued.",
+        description="Secret the agents' MQTT passwords and HTTP tokens are derived "
+        "from; the bridge and the embedded broker need the same one. Unset: no "
+        "credentials are issued.",
+    )
+
+    # Security (README, "Security"): one of the first two is required.
+    enrolment_token: SecretStr | None = Field(
+        default=None, description="New agents must register with this token."
+    )
+    open_enrolment: bool = Field(
+        default=False,
+        description="Lab mode: anyone may register, no credentials are issued.",
+    )
+    mosquitto_dynsec: bool = Field(
+        default=False,
+        description="Create each agent's account in Mosquitto's dynamic-security "
+        "plugin (the controller's account must be its admin).",
     )
 
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 = off.")
@@ -82,12 +98,39 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_mqtt_url(self) -> "Settings":
         url = urlsplit(self.mqtt_url)
-        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+        if url.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not url.hostname:
             raise ValueError(
                 f"--mqtt-url {self.mqtt_url!r} is not mqtt://host:port; "
-                "give e.g. mqtt://127.0.0.1:1883."
+                "give e.g. mqtt://127.0.0.1:1883 (or mqtts:// for TLS)."
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_enrolment(self) -> "Settings":
+        # Never open by accident: an operator says which it is.
+        if self.enrolment_token is None and not self.open_enrolment:
+            raise ValueError(
+                "the controller needs --enrolment-token (KBBUS_ENROLMENT_TOKEN), "
+                "or --open-enrolment to let anyone register (a lab only)."
+            )
+        if self.enrolment_token is not None and self.open_enrolment:
+            raise ValueError(
+                "--enrolment-token and --open-enrolment exclude each other; give one."
+            )
+        if (
+            self.enrolment_token is not None
+            and not self.enrolment_token.get_secret_value()
+        ):
+            raise ValueError("--enrolment-token must not be empty.")
+        return self
+
+    def enrolment(self) -> Enrolment:
+        token = self.enrolment_token
+        secret = self.agent_secret
+        return Enrolment(
+            token=None if token is None else token.get_secret_value(),
+            agent_secret=None if secret is None else secret.get_secret_value(),
+        )
 
     @property
     def mqtt_host(self) -> str:

@@ -163,6 +163,9 @@ class Stack:
             str(kb_dir),
             "--client-id",
             f"kbbus-controller-bench-{uuid.uuid4().hex[:6]}",
+            # The bench measures the bus, not security: anonymous, open.
+            "--open-enrolment",
+            "true",
             *extra,
         )
         return self.controller

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,13 @@ import yaml
 from amqtt import broker as amqtt_broker
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+
+from kbbus.broker_auth import (
+    PLUGIN_PATH,
+    AccessConfig,
+    SecureBroker,
+    authenticate_connect,
+)
 
 log = logging.getLogger("kbbus.broker")
 
@@ -29,8 +37,14 @@ class KeepaliveEnforcingHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """Drops a client silent for more than 1.5 x its keepalive."""
 
     @classmethod
-    async def init_from_connect(cls, *args: Any, **kwargs: Any) -> Any:
-        handler, session = await super().init_from_connect(*args, **kwargs)
+    async def init_from_connect(
+        cls, reader: Any, writer: Any, plugins_manager: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        handler, session = await super().init_from_connect(
+            reader, writer, plugins_manager, *args, **kwargs
+        )
+        # Before amqtt looks the client id up: see kbbus.broker_auth.
+        await authenticate_connect(plugins_manager, session, writer)
         if session.keep_alive and session.keep_alive > 0:
             # The reader loop waits this long for the next packet.
             session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
@@ -73,31 +87,71 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TlsFiles:
+    """A TLS listener's certificate chain and private key (PEM files)."""
+
+    certfile: Path
+    keyfile: Path
+
+
+def broker_config(
+    host: str,
+    port: int,
+    *,
+    access: AccessConfig | None = None,
+    tls: TlsFiles | None = None,
+) -> dict[str, Any]:
+    """amqtt's configuration: amqtt.yaml with our address, and security if asked.
+
+    With ``access`` the anonymous plugin is replaced by ours (accounts and
+    topic rules, ``kbbus.broker_auth``); without it anyone may do anything,
+    which is what ``--open-enrolment`` asks for.
+    """
     if CONFIG_FILE.is_file():
         config: dict[str, Any] = yaml.safe_load(CONFIG_FILE.read_text())
     else:
         config = copy.deepcopy(DEFAULT_CONFIG)
-    config["listeners"]["default"]["bind"] = f"{host}:{port}"
+    listener = config["listeners"]["default"]
+    listener["bind"] = f"{host}:{port}"
+    if tls is not None:
+        listener.update(ssl=True, certfile=str(tls.certfile), keyfile=str(tls.keyfile))
+    if access is not None:
+        config["plugins"] = {PLUGIN_PATH: asdict(access)}
     return config
 
 
 class EmbeddedBroker:
     """An amqtt broker on ``host:port`` in the running event loop."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        access: AccessConfig | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.host = host
         self.port = port
+        self.access = access
+        self.tls = tls
         self._broker: Broker | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._broker = Broker(broker_config(self.host, self.port))
+        config = broker_config(self.host, self.port, access=self.access, tls=self.tls)
+        self._broker = SecureBroker(config)
         await self._broker.start()
-        log.info("embedded broker listening on %s", self.url)
+        log.info(
+            "embedded broker listening on %s (%s)",
+            self.url,
+            "accounts and topic rules" if self.access else "open: anyone may connect",
+        )
 
     async def stop(self) -> None:
         if self._broker is not None:

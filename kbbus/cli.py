@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from kbbus import operator
+from kbbus.broker import TlsFiles
 from kbbus.up import UpError, UpOptions, run_up
 
 app = typer.Typer(
@@ -100,8 +101,44 @@ def up(
     log_format: Annotated[
         str, typer.Option(envvar="KBBUS_LOG_FORMAT", help="text or json.")
     ] = "text",
+    open_enrolment: Annotated[
+        bool,
+        typer.Option(
+            envvar="KBBUS_OPEN_ENROLMENT",
+            help="A lab: anyone may connect to the broker and register.",
+        ),
+    ] = False,
+    enrolment_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="KBBUS_ENROLMENT_TOKEN",
+            help="Agents register with this; generated when unset.",
+            show_default=False,
+        ),
+    ] = None,
+    tls_certfile: Annotated[
+        Path | None,
+        typer.Option(envvar="KBBUS_TLS_CERTFILE", help="Broker TLS certificate."),
+    ] = None,
+    tls_keyfile: Annotated[
+        Path | None,
+        typer.Option(envvar="KBBUS_TLS_KEYFILE", help="Broker TLS private key."),
+    ] = None,
 ) -> None:
-    """Everything on embedded defaults: broker, controller, bridge, and agents."""
+    """Everything on embedded defaults: broker, controller, bridge, and agents.
+
+    Secure unless --open-enrolment: the broker requires accounts, and agents
+    register with an enrolment token (generated, kept in DATA_DIR/secrets.json
+    and printed when none is given).
+    """
+    if (tls_certfile is None) != (tls_keyfile is None):
+        err_console.print("kbbus up: give both --tls-certfile and --tls-keyfile")
+        _exit(operator.EXIT_USAGE)
+    tls = (
+        TlsFiles(tls_certfile, tls_keyfile)
+        if tls_certfile is not None and tls_keyfile is not None
+        else None
+    )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     controller_args = ["--log-format", log_format]
     if offline_after_s is not None:
@@ -120,6 +157,9 @@ def up(
         controller_args=controller_args,
         bridge_args=["--log-format", log_format],
         agent_args=agent_args,
+        open_enrolment=open_enrolment,
+        enrolment_token=enrolment_token,
+        tls=tls,
     )
     try:
         code = asyncio.run(run_up(opts))
@@ -263,6 +303,39 @@ def db_upgrade(
         )
     upgrade(db_url)
     console.print(f"database at {db_url} is up to date")
+
+
+@app.command("mosquitto-dynsec")
+def mosquitto_dynsec(
+    path: Annotated[Path, typer.Argument(help="The file to write.")],
+    topic_root: Annotated[
+        str, typer.Option(envvar="KBBUS_TOPIC_ROOT", help="Topic root.")
+    ] = "kbbus/v1",
+) -> None:
+    """Write Mosquitto's dynamic-security file: the service accounts (passwords
+    from KBBUS_MQTT_CONTROLLER_PASSWORD, _BRIDGE_, _OPERATOR_) and the enrolment
+    account (KBBUS_ENROLMENT_TOKEN). The controller adds agents at run time
+    (--mosquitto-dynsec)."""
+    import json
+
+    from controller.dynsec import initial_config
+    from schemas.access import SERVICE_ROLES
+
+    passwords = {}
+    for username in SERVICE_ROLES:
+        name = username.removeprefix("kbbus-").upper()
+        value = os.environ.get(f"KBBUS_MQTT_{name}_PASSWORD")
+        if value:
+            passwords[username] = value
+    token = os.environ.get("KBBUS_ENROLMENT_TOKEN")
+    config = initial_config(topic_root, passwords, token)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(config, out, indent=2)
+    console.print(
+        f"wrote {path}: accounts {', '.join(sorted(passwords)) or 'none'}"
+        f"{', kbbus-enrol' if token else ''}"
+    )
 
 
 def main() -> None:

@@ -7,18 +7,28 @@ of one is seen by the others exactly as in a real deployment.
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
-from kbbus.broker import EmbeddedBroker
+from kbbus.broker import EmbeddedBroker, TlsFiles
+from kbbus.broker_auth import AccessConfig
+from schemas.access import (
+    BRIDGE_USERNAME,
+    CONTROLLER_USERNAME,
+    OPERATOR_USERNAME,
+    SERVICE_ROLES,
+)
 
 log = logging.getLogger("kbbus.up")
 
@@ -41,6 +51,50 @@ class UpOptions:
     controller_args: list[str] = field(default_factory=list)
     bridge_args: list[str] = field(default_factory=list)
     agent_args: list[str] = field(default_factory=list)
+    #: A lab: anyone may connect and register (no accounts, no topic rules).
+    open_enrolment: bool = False
+    #: The operator's enrolment token; generated (and kept) when None.
+    enrolment_token: str | None = None
+    #: A TLS listener for the embedded broker (certificate and key, PEM).
+    tls: TlsFiles | None = None
+
+
+SECRETS_FILE = "secrets.json"
+#: What ``kbbus up`` generates once and keeps in ``<data dir>/secrets.json``.
+SECRET_NAMES = (
+    "enrolment_token",
+    "agent_secret",
+    CONTROLLER_USERNAME,
+    BRIDGE_USERNAME,
+    OPERATOR_USERNAME,
+)
+
+
+def load_secrets(data_dir: Path) -> dict[str, str]:
+    """The secrets kept in the data dir, with any missing ones generated.
+
+    The file is readable by its owner only: it holds every password of the
+    system. A restart reuses it, so agents keep their credentials.
+    """
+    path = data_dir / SECRETS_FILE
+    stored: dict[str, str] = {}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UpError(f"cannot read {path}: {exc}; fix or delete it") from None
+    missing = [name for name in SECRET_NAMES if not stored.get(name)]
+    if missing:
+        stored.update({name: secrets.token_urlsafe(32) for name in missing})
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(stored, out, indent=2)
+    os.chmod(path, 0o600)
+    return stored
+
+
+def account_url(scheme: str, host: str, port: int, user: str, password: str) -> str:
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}"
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
@@ -60,9 +114,11 @@ class Child:
     proc: asyncio.subprocess.Process
 
 
-async def spawn(name: str, module: str, args: list[str]) -> Child:
+async def spawn(
+    name: str, module: str, args: list[str], env: dict[str, str] | None = None
+) -> Child:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args, env=dict(os.environ)
+        sys.executable, "-m", module, *args, env={**os.environ, **(env or {})}
     )
     log.info("started %s pid=%s", name, proc.pid)
     return Child(name, proc)
@@ -86,21 +142,39 @@ async def wait_ready(http_url: str, children: list[Child]) -> None:
     raise UpError(f"the system did not become ready within {READY_TIMEOUT_S:.0f}s")
 
 
-def banner(opts: UpOptions, db_url: str, mqtt_url: str, http_url: str) -> str:
+def banner(
+    opts: UpOptions,
+    db_url: str,
+    mqtt_url: str,
+    http_url: str,
+    stored: dict[str, str] | None = None,
+) -> str:
     root = "kbbus/v1"
+    sub = f"mosquitto_sub -p {opts.mqtt_port}"
+    if opts.tls is not None:
+        sub += " --cafile <your CA file>"
+    if stored is None:
+        security = "  security      OFF (--open-enrolment): anyone may connect\n"
+    else:
+        sub += f" -u {OPERATOR_USERNAME} -P {stored[OPERATOR_USERNAME]}"
+        security = (
+            f"  enrolment     token {stored['enrolment_token']}\n"
+            f"                (KBBUS_ENROLMENT_TOKEN for agents; all secrets in "
+            f"{opts.data_dir / SECRETS_FILE})\n"
+        )
     return f"""
 kbbus is up.
   MQTT broker   {mqtt_url}  (embedded amqtt)
   HTTP bridge   {http_url}  (OpenAPI: {http_url}/docs)
   database      {db_url}
   agents        {opts.agents} simulated
-
+{security}
 Try next:
   kbbus status
   kbbus trigger <agent_id> dns-flush-kb
   kbbus watch
-  mosquitto_sub -p {opts.mqtt_port} -t '{root}/agents/+/status' -v
-  mosquitto_sub -p {opts.mqtt_port} -t '{root}/events/#' -v
+  {sub} -t '{root}/agents/+/status' -v
+  {sub} -t '{root}/events/#' -v
   curl -s {http_url}/api/v1/agents
   curl -s -X POST {http_url}/api/v1/agent/register \\
        -H 'Content-Type: application/json' \\
@@ -128,24 +202,62 @@ async def run_up(opts: UpOptions) -> int:
     check_port_free(opts.host, opts.http_port, "--http-port")
     opts.data_dir.mkdir(parents=True, exist_ok=True)
     db_url = opts.db_url or f"sqlite:///{opts.data_dir / 'kbbus.db'}"
-    mqtt_url = f"mqtt://{opts.host}:{opts.mqtt_port}"
+    scheme = "mqtts" if opts.tls else "mqtt"
+    mqtt_url = f"{scheme}://{opts.host}:{opts.mqtt_port}"
     http_url = f"http://{opts.host}:{opts.http_port}"
+    stored: dict[str, str] | None = None
+    access: AccessConfig | None = None
+    if opts.open_enrolment:
+        controller_url = bridge_url = agents_url = mqtt_url
+        controller_security = ["--open-enrolment", "true"]
+        agent_env: dict[str, str] = {}
+    else:
+        stored = load_secrets(opts.data_dir)
+        if opts.enrolment_token:
+            stored["enrolment_token"] = opts.enrolment_token
+        access = AccessConfig(
+            agent_secret=stored["agent_secret"],
+            enrolment_token=stored["enrolment_token"],
+            services={n: stored[n] for n in SERVICE_ROLES},
+        )
+        host, port = opts.host, opts.mqtt_port
+        controller_url = account_url(
+            scheme, host, port, CONTROLLER_USERNAME, stored[CONTROLLER_USERNAME]
+        )
+        bridge_url = account_url(
+            scheme, host, port, BRIDGE_USERNAME, stored[BRIDGE_USERNAME]
+        )
+        agents_url = mqtt_url
+        controller_security = []
+        # Children take secrets from the environment, never the command line
+        # (which every user of the machine can read in ps).
+        agent_env = {
+            "KBBUS_ENROLMENT_TOKEN": stored["enrolment_token"],
+            "KBBUS_AGENT_SECRET": stored["agent_secret"],
+        }
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    broker = EmbeddedBroker(opts.host, opts.mqtt_port)
+    broker = EmbeddedBroker(opts.host, opts.mqtt_port, access=access, tls=opts.tls)
     await broker.start()
     children: list[Child] = []
     try:
-        common = ["--mqtt-url", mqtt_url]
         children.append(
             await spawn(
                 "controller",
                 "controller",
-                [*common, "--db-url", db_url, *opts.controller_args],
+                [
+                    "--mqtt-url",
+                    controller_url,
+                    "--db-url",
+                    db_url,
+                    *controller_security,
+                    *opts.controller_args,
+                ],
+                agent_env,
             )
         )
         children.append(
@@ -153,13 +265,15 @@ async def run_up(opts: UpOptions) -> int:
                 "bridge",
                 "bridge_http",
                 [
-                    *common,
+                    "--mqtt-url",
+                    bridge_url,
                     "--host",
                     opts.host,
                     "--port",
                     str(opts.http_port),
                     *opts.bridge_args,
                 ],
+                agent_env,
             )
         )
         await wait_ready(http_url, children)
@@ -169,16 +283,18 @@ async def run_up(opts: UpOptions) -> int:
                     "agents",
                     "agent_sim",
                     [
-                        *common,
+                        "--mqtt-url",
+                        agents_url,
                         "--count",
                         str(opts.agents),
                         "--state-dir",
                         str(opts.data_dir / "agents"),
                         *opts.agent_args,
                     ],
+                    agent_env,
                 )
             )
-        print(banner(opts, db_url, mqtt_url, http_url), flush=True)
+        print(banner(opts, db_url, mqtt_url, http_url, stored), flush=True)
         return await supervise(children, stop)
     finally:
         await stop_children(children)

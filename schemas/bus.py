@@ -9,8 +9,12 @@ need, kept here so that none of them gets them wrong:
 - A bounded in-flight window and outgoing queue (paho queues without bound).
 - Manual acknowledgement of QoS 1 messages, for processes that must commit a
   message's effect before the broker may forget it.
+- Accounts and TLS from the URL: ``mqtt://user:password@host:port``, and
+  ``mqtts://`` for a TLS connection verified against ``ca_file`` (or the file
+  named by ``KBBUS_MQTT_CA_FILE``).
 """
 
+import os
 import socket
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -22,12 +26,37 @@ DEFAULT_MAX_INFLIGHT = 1000
 DEFAULT_MAX_QUEUED_OUTGOING = 100_000
 
 
+TLS_SCHEMES = ("mqtts", "ssl")
+#: The CA file that verifies the broker of an ``mqtts://`` URL, when the
+#: caller names none (the system's CAs when this is unset too).
+CA_FILE_ENV = "KBBUS_MQTT_CA_FILE"
+
+
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` to ``(host, port)``; the port defaults to 1883."""
+    """``mqtt://host:port`` (or ``mqtts://``) to ``(host, port)``.
+
+    The port defaults to 1883, or 8883 for ``mqtts://``.
+    """
     parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "tcp", ""):
-        raise ValueError(f"{url!r}: only mqtt://host:port URLs are supported")
-    return parsed.hostname or "127.0.0.1", parsed.port or 1883
+    if parsed.scheme not in ("mqtt", "tcp", "", *TLS_SCHEMES):
+        raise ValueError(f"{url!r}: only mqtt:// and mqtts:// URLs are supported")
+    default_port = 8883 if parsed.scheme in TLS_SCHEMES else 1883
+    return parsed.hostname or "127.0.0.1", parsed.port or default_port
+
+
+def uses_tls(url: str) -> bool:
+    return urlparse(url).scheme in TLS_SCHEMES
+
+
+def tls_parameters(
+    url: str, ca_file: str | None = None
+) -> aiomqtt.TLSParameters | None:
+    """TLS settings for ``url``: None for ``mqtt://``; for ``mqtts://`` the
+    broker's certificate is verified against ``ca_file`` (or $KBBUS_MQTT_CA_FILE,
+    or the system's CAs) and its host name checked."""
+    if not uses_tls(url):
+        return None
+    return aiomqtt.TLSParameters(ca_certs=ca_file or os.environ.get(CA_FILE_ENV))
 
 
 class BusClient(aiomqtt.Client):
@@ -39,6 +68,7 @@ class BusClient(aiomqtt.Client):
         identifier: str,
         *,
         manual_ack: bool = False,
+        ca_file: str | None = None,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         max_queued_outgoing: int = DEFAULT_MAX_QUEUED_OUTGOING,
         **kwargs: Any,
@@ -50,6 +80,8 @@ class BusClient(aiomqtt.Client):
         if parsed.username and "username" not in kwargs:
             kwargs["username"] = unquote(parsed.username)
             kwargs["password"] = unquote(parsed.password or "") or None
+        if "tls_params" not in kwargs:
+            kwargs["tls_params"] = tls_parameters(url, ca_file)
         super().__init__(
             host,
             port,

@@ -5,10 +5,16 @@ amqtt and Mosquitto, SQLite and PostgreSQL. Each test gets its own broker on a
 free port and its own database, dropped afterwards.
 """
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The controller will not start without an enrolment choice (a token, or open
+# enrolment). The suite runs in lab mode unless a test chooses otherwise, as
+# tests/test_security_broker.py does; child processes inherit this.
+os.environ.setdefault("KBBUS_OPEN_ENROLMENT", "true")
 
 from tests.support.infra import BrokerHandle, database, running_broker
 

@@ -1,0 +1,217 @@
+"""Authentication and topic rules for the embedded amqtt broker.
+
+``AccessPlugin`` is one amqtt plugin that is both an authentication and a
+topic-checking plugin; the rules themselves are ``schemas.access``. Agents'
+passwords are checked statelessly against the agent secret, so the broker
+keeps no list of agents and needs no reload when one registers.
+
+amqtt 0.12 has three gaps this module closes, because each one would let a
+client that fails authentication or holds only its own account act on
+others:
+
+- it looks a CONNECT's client id up (and drops a clean session's stored state,
+  or overwrites a persistent one's credentials and Will) *before* it asks the
+  authentication plugins, and takes over a connected client with that id even
+  when the newcomer is then refused: ``authenticate_connect`` refuses first;
+- it publishes a client's Will without asking the topic plugins: a Will on a
+  topic the account may not publish to is refused at CONNECT;
+- at connect it sends the new client the retained messages matching every
+  *other* client's subscriptions (the leak ``controller.app`` also notes),
+  without a topic check: ``SecureBroker`` checks each one.
+"""
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BaseContext
+from amqtt.errors import MQTTError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from schemas.access import (
+    ENROL_USERNAME,
+    SERVICE_ROLES,
+    Role,
+    allowed_publish,
+    allowed_receive,
+    allowed_subscription,
+    mqtt_password,
+    same_secret,
+    valid_agent_id,
+)
+from schemas.topics import DEFAULT_ROOT
+
+log = logging.getLogger("kbbus.broker")
+
+PLUGIN_PATH = "kbbus.broker_auth.AccessPlugin"
+#: Enrolling clients name themselves ``kbbus-enrol-<random>``: a client id in
+#: a namespace of its own cannot take over an agent's session.
+ENROL_CLIENT_PREFIX = "kbbus-enrol-"
+_ROLE_ATTR = "kbbus_role"
+
+
+def role_of(session: Session | None) -> Role | None:
+    return getattr(session, _ROLE_ATTR, None) if session is not None else None
+
+
+@dataclass
+class AccessConfig:
+    """What the broker checks clients against (all secrets as plain text)."""
+
+    agent_secret: str | None = None
+    enrolment_token: str | None = None
+    #: username -> password for the controller, bridge and operator accounts.
+    services: dict[str, str] = field(default_factory=dict)
+    topic_root: str = DEFAULT_ROOT
+
+
+def identify(
+    config: AccessConfig, username: str | None, password: str | None, client_id: str
+) -> Role | None:
+    """The role these credentials log in as, or None to refuse them."""
+    if username is None or password is None:
+        return None
+    if username in config.services:
+        ok = same_secret(password, config.services[username])
+        return SERVICE_ROLES.get(username) if ok else None
+    if username == ENROL_USERNAME:
+        token = config.enrolment_token
+        if token and client_id.startswith(ENROL_CLIENT_PREFIX):
+            return Role.ENROL if same_secret(password, token) else None
+        return None
+    if config.agent_secret and client_id == username and valid_agent_id(username):
+        expected = mqtt_password(config.agent_secret, username)
+        return Role.AGENT if same_secret(password, expected) else None
+    return None
+
+
+class AccessPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
+    """Logs clients in by ``schemas.access`` and holds each to its role's topics."""
+
+    Config = AccessConfig
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        assert isinstance(self.config, AccessConfig)
+        self.access: AccessConfig = self.config
+
+    def check(self, session: Session) -> Role | None:
+        """Identify ``session`` and remember its role on it; None if refused."""
+        role = identify(
+            self.access, session.username, session.password, session.client_id or ""
+        )
+        if role is not None and session.will_flag:
+            will_topic = session.will_topic or ""
+            if not allowed_publish(
+                role, self.access.topic_root, session.client_id or "", will_topic
+            ):
+                log.warning(
+                    "connection refused: a Will on a topic this account may not "
+                    "publish to: client_id=%s topic=%s",
+                    session.client_id,
+                    will_topic,
+                )
+                role = None
+        setattr(session, _ROLE_ATTR, role)
+        if role is None:
+            log.warning(
+                "connection refused: bad credentials: client_id=%s username=%s",
+                session.client_id,
+                session.username,
+            )
+        return role
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        return self.check(session) is not None
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool | None:
+        role = role_of(session)
+        if role is None or topic is None or session is None:
+            return False
+        root, me = self.access.topic_root, session.client_id or ""
+        if action is Action.PUBLISH:
+            ok = allowed_publish(role, root, me, topic)
+        elif action is Action.SUBSCRIBE:
+            ok = allowed_subscription(role, root, me, topic)
+        else:
+            ok = allowed_receive(role, root, me, topic)
+        if not ok and action is not Action.RECEIVE:
+            log.info(
+                "refused %s: client_id=%s role=%s topic=%s",
+                action,
+                me,
+                role.value,
+                topic,
+            )
+        return ok
+
+
+def access_plugin(broker_plugins: Any) -> AccessPlugin | None:
+    """The loaded ``AccessPlugin`` among a plugin manager's plugins, if any."""
+    for plugin in broker_plugins:
+        if isinstance(plugin, AccessPlugin):
+            return plugin
+    return None
+
+
+class SecureBroker(Broker):  # type: ignore[misc]
+    """amqtt's broker with a topic check on retained messages sent at connect."""
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        plugin = access_plugin(self.plugins_manager.plugins)
+        if plugin is None:
+            await super()._publish_retained_messages_for_subscription(
+                subscription, session
+            )
+            return
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await plugin.topic_filtering(
+                session=session, topic=topic, action=Action.RECEIVE
+            ):
+                continue
+            qos_out = min(qos, retained.qos or qos)
+            # Concurrently, as amqtt does: each QoS 1 send waits for its PUBACK.
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(retained.topic, retained.data, qos_out, True)
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
+
+
+async def authenticate_connect(
+    plugins_manager: Any, session: Session, writer: Any
+) -> None:
+    """Refuse a CONNECT with bad credentials before amqtt touches any session.
+
+    Raises ``MQTTError`` (after answering CONNACK "not authorised" and closing
+    the connection); amqtt then drops the connection without looking up, taking
+    over or deleting the session of the client id it claimed.
+    """
+    plugin = access_plugin(plugins_manager.plugins)
+    if plugin is None or plugin.check(session) is not None:
+        return
+    connack = ConnackPacket.build(0, NOT_AUTHORIZED)
+    await connack.to_stream(writer)
+    await writer.close()
+    raise MQTTError(f"client {session.client_id!r} refused: not authorised")
