@@ -20,10 +20,6 @@ backoff passed, and starts queued workflows that nothing else started.
 """
 
 import logging
-import secrets
-import threading
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,12 +29,13 @@ from sqlalchemy.orm import Session, aliased
 
 from controller.db import Agent, StepExecution, Workflow
 from controller.effects import Publish
+from controller.engine_base import Effects, new_id, step_data, task_publish
+from controller.engine_base import EngineError as EngineError  # callers' import
 from controller.kb import KBCatalog, ParamsError
+from controller.results import ResultsOutcome, handle_results
 from controller.templating import ArgsTemplateError, render_args, uses_steps
-from schemas.codec import encode
-from schemas.errors import KbbusError
 from schemas.kb import KBDefinition, KBStep
-from schemas.messages import ErrorCode, Event, EventKind, Task, TaskResult
+from schemas.messages import ErrorCode, EventKind, TaskResult
 from schemas.topics import Topics
 from schemas.views import FINAL_WORKFLOW_STATES, AttemptView, StepView, WorkflowView
 
@@ -90,86 +87,6 @@ _IDLE_QUEUED = (
 _IDLE_QUEUED_OF = _IDLE_QUEUED.where(
     Workflow.agent_id.in_(bindparam("agent_ids", expanding=True))
 )
-
-
-class EngineError(KbbusError):
-    """A request the engine refuses; ``code`` is a ``schemas.messages.ErrorCode``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-_id_lock = threading.Lock()
-_id_last_ms = 0
-_id_counter = 0
-
-
-def new_id() -> str:
-    """A UUIDv7 string: ids sort by creation time, also within a millisecond."""
-    global _id_last_ms, _id_counter
-    with _id_lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _id_last_ms:
-            _id_last_ms, _id_counter = ms, 0
-        else:
-            _id_counter += 1
-            if _id_counter > 0xFFF:
-                _id_last_ms, _id_counter = _id_last_ms + 1, 0
-        ms, counter = _id_last_ms, _id_counter
-    value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | counter << 64
-    value |= 0b10 << 62 | secrets.randbits(62)
-    return str(uuid.UUID(int=value))
-
-
-class _Effects:
-    """The publishes one transition asks for: retained tasks, then events."""
-
-    def __init__(self, topics: Topics, now: datetime) -> None:
-        self.topics = topics
-        self.now = now
-        self.tasks: list[Publish] = []
-        self.events: list[Publish] = []
-
-    def task(self, wf: Workflow, se: StepExecution) -> None:
-        self.tasks.append(_task_publish(self.topics, wf.kb_id, se))
-
-    def clear(self, agent_id: str) -> None:
-        self.tasks.append(Publish(self.topics.tasks(agent_id), b"", 1, True))
-
-    def event(self, wf: Workflow, kind: EventKind, **data: Any) -> None:
-        message = Event(
-            kind=kind,
-            ts=self.now,
-            agent_id=wf.agent_id,
-            workflow_id=wf.id,
-            data={"kb_id": wf.kb_id, **data},
-        )
-        topic = self.topics.workflow_event(wf.id, kind.value)
-        self.events.append(Publish(topic, encode(message), 1, False))
-
-    def all(self) -> list[Publish]:
-        return self.tasks + self.events
-
-
-def _task_publish(topics: Topics, kb_id: str, se: StepExecution) -> Publish:
-    assert se.dispatched_at is not None
-    assert se.deadline_at is not None
-    task = Task(
-        task_id=se.id,
-        agent_id=se.agent_id,
-        workflow_id=se.workflow_id,
-        kb_id=kb_id,
-        step_id=se.step_id,
-        step_index=se.step_index,
-        attempt=se.attempt,
-        action=se.action,
-        args=se.args,
-        timeout_s=se.timeout_s,
-        issued_at=se.dispatched_at,
-        expires_at=se.deadline_at,
-    )
-    return Publish(topics.tasks(se.agent_id), encode(task), 1, True)
 
 
 class Engine:
@@ -227,7 +144,7 @@ class Engine:
             definition=kb.model_dump(mode="json"),
         )
         session.add(wf)
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         started: list[StepExecution] = []
         if agent.status == "online" and not _agent_busy(session, agent_id):
             started = self._start(session, fx, wf, kb)
@@ -275,7 +192,7 @@ class Engine:
                 se.status,
             )
             return []
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         se.status = result.status.value
         se.finished_at = now
         se.exit_code = result.exit_code
@@ -284,6 +201,20 @@ class Engine:
         self._step_finished(session, fx, wf, se)
         session.flush()
         return fx.all()
+
+    def handle_results(
+        self,
+        session: Session,
+        batch: Sequence[tuple[str, TaskResult]],
+        now: datetime,
+    ) -> ResultsOutcome:
+        """``handle_result`` for a whole batch of ``(topic agent id, result)``,
+        in a fixed number of statements (``controller.results``).
+
+        Refused results are reported per item in the outcome, not raised, so
+        one bad result does not fail the others.
+        """
+        return handle_results(session, self.topics, batch, now)
 
     def check_task(self, session: Session, agent_id: str, task_id: str) -> None:
         """Raise EngineError(not_found | conflict) unless agent may report task."""
@@ -313,7 +244,7 @@ class Engine:
             )
         if wf.status in FINAL_WORKFLOW_STATES:
             return self.workflow_view(session, workflow_id), []
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         was_running = wf.status == "running"
         active = session.scalars(
             select(StepExecution).where(
@@ -325,7 +256,7 @@ class Engine:
             se.status = "canceled"
             se.finished_at = now
             se.error = reason
-            fx.event(wf, EventKind.STEP_FINISHED, **_step_data(se))
+            fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
         self._finish(session, fx, wf, "canceled", reason, release_agent=was_running)
         session.flush()
         return self.workflow_view(session, workflow_id), fx.all()
@@ -335,7 +266,7 @@ class Engine:
     def tick(self, session: Session, now: datetime) -> list[Publish]:
         """Time out overdue steps, dispatch retries whose backoff passed, start
         queued workflows of idle online agents."""
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         overdue = session.execute(
             _lock_workflows(
                 _with_workflow()
@@ -383,7 +314,7 @@ class Engine:
         """Agents came online: start their queued workflows."""
         if not agent_ids:
             return []
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         self._start_idle(session, fx, agent_ids)
         session.flush()
         return fx.all()
@@ -397,7 +328,7 @@ class Engine:
         agent must not run such a task. An expired one it refuses anyway.
         Changes nothing in the database.
         """
-        fx = _Effects(self.topics, now)
+        fx = Effects(self.topics, now)
         rows = session.execute(
             select(StepExecution, Workflow.kb_id)
             .join(Workflow, Workflow.id == StepExecution.workflow_id)
@@ -405,7 +336,7 @@ class Engine:
         ).all()
         busy: set[str] = set()
         for se, kb_id in rows:
-            fx.tasks.append(_task_publish(self.topics, kb_id, se))
+            fx.tasks.append(task_publish(self.topics, kb_id, se))
             busy.add(se.agent_id)
         unexpired = session.scalars(
             select(StepExecution.agent_id)
@@ -480,7 +411,7 @@ class Engine:
         )
 
     def _start(
-        self, session: Session, fx: _Effects, wf: Workflow, kb: KBDefinition
+        self, session: Session, fx: Effects, wf: Workflow, kb: KBDefinition
     ) -> list[StepExecution]:
         wf.status = "running"
         wf.started_at = fx.now
@@ -497,7 +428,7 @@ class Engine:
     def _begin_step(
         self,
         session: Session,
-        fx: _Effects,
+        fx: Effects,
         wf: Workflow,
         kb: KBDefinition,
         index: int,
@@ -540,7 +471,7 @@ class Engine:
                 step.id,
                 error,
             )
-            fx.event(wf, EventKind.STEP_FINISHED, **_step_data(se))
+            fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
             return [se, *self._step_exhausted(session, fx, wf, kb, se)]
         self._dispatch(fx, wf, se)
         return [se]
@@ -561,7 +492,7 @@ class Engine:
             }
         return context
 
-    def _dispatch(self, fx: _Effects, wf: Workflow, se: StepExecution) -> None:
+    def _dispatch(self, fx: Effects, wf: Workflow, se: StepExecution) -> None:
         se.status = "dispatched"
         se.dispatched_at = fx.now
         se.deadline_at = fx.now + timedelta(seconds=se.timeout_s)
@@ -569,7 +500,7 @@ class Engine:
         fx.event(
             wf,
             EventKind.STEP_DISPATCHED,
-            **_step_data(se),
+            **step_data(se),
             action=se.action,
             expires_at=se.deadline_at.isoformat(),
         )
@@ -584,11 +515,11 @@ class Engine:
         )
 
     def _step_finished(
-        self, session: Session, fx: _Effects, wf: Workflow, se: StepExecution
+        self, session: Session, fx: Effects, wf: Workflow, se: StepExecution
     ) -> None:
         """An attempt ended (succeeded, failed or timed out): move on."""
         wf.updated_at = fx.now
-        fx.event(wf, EventKind.STEP_FINISHED, **_step_data(se))
+        fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
         kb = _definition(wf)
         if se.status == "succeeded":
             self._advance(session, fx, wf, kb, se.step_index)
@@ -621,7 +552,7 @@ class Engine:
     def _step_exhausted(
         self,
         session: Session,
-        fx: _Effects,
+        fx: Effects,
         wf: Workflow,
         kb: KBDefinition,
         se: StepExecution,
@@ -639,7 +570,7 @@ class Engine:
     def _advance(
         self,
         session: Session,
-        fx: _Effects,
+        fx: Effects,
         wf: Workflow,
         kb: KBDefinition,
         index: int,
@@ -652,7 +583,7 @@ class Engine:
     def _finish(
         self,
         session: Session,
-        fx: _Effects,
+        fx: Effects,
         wf: Workflow,
         status: str,
         error: str | None,
@@ -684,7 +615,7 @@ class Engine:
             fx.clear(wf.agent_id)
 
     def _start_idle(
-        self, session: Session, fx: _Effects, agent_ids: Sequence[str] | None
+        self, session: Session, fx: Effects, agent_ids: Sequence[str] | None
     ) -> list[str]:
         """Start the oldest queued workflow of each idle online agent.
 
@@ -744,19 +675,6 @@ def _check_param_templates(kb: KBDefinition, params: dict[str, Any]) -> None:
             raise EngineError(
                 ErrorCode.INVALID, f"params do not fit step {i} ({step.id}): {exc}"
             ) from None
-
-
-def _step_data(se: StepExecution) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "task_id": se.id,
-        "step_id": se.step_id,
-        "step_index": se.step_index,
-        "attempt": se.attempt,
-        "status": se.status,
-    }
-    if se.exit_code is not None:
-        data["exit_code"] = se.exit_code
-    return data
 
 
 def _view(wf: Workflow, executions: Iterable[StepExecution]) -> WorkflowView:
