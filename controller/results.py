@@ -226,12 +226,12 @@ class ResultsOutcome:
 
     ``effects`` are to be published after the commit; ``rejected`` holds the
     index (into the batch) and the reason of every result refused, each to be
-    counted on its own; ``ignored`` counts duplicates and late results.
+    counted on its own; ``ignored`` the indexes of duplicates and late results.
     """
 
     effects: list[Publish] = field(default_factory=list)
     rejected: list[tuple[int, EngineError]] = field(default_factory=list)
-    ignored: int = 0
+    ignored: list[int] = field(default_factory=list)
 
 
 def handle_results(
@@ -293,7 +293,7 @@ class _Batch:
                     agent_id,
                     row.status,
                 )
-                outcome.ignored += 1
+                outcome.ignored.append(index)
                 continue
             handled.add(result.task_id)
             self.workflows[wf.id] = wf

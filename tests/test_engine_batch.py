@@ -195,7 +195,7 @@ def drive(
         if batched:
             outcome = batch(rig, [(r.agent_id, r) for r in results])
             assert outcome.rejected == []
-            assert outcome.ignored == 0
+            assert outcome.ignored == []
             pending = record(traces, Effects(outcome.effects))
         else:
             for r in results:
@@ -280,7 +280,7 @@ def test_a_mixed_batch_applies_the_valid_and_refuses_the_rest_one_by_one(
     codes = {index: exc.code for index, exc in outcome.rejected}
     assert codes == {2: ErrorCode.CONFLICT, 3: ErrorCode.CONFLICT, 5: "not_found"}
     assert all(isinstance(exc, EngineError) for _, exc in outcome.rejected)
-    assert outcome.ignored == 2
+    assert outcome.ignored == [1, 4]
     fx = Effects(outcome.effects)
     assert sorted((t.agent_id, t.step_id) for t in fx.tasks) == [
         (a1, "verify"),
@@ -299,7 +299,7 @@ def test_a_mixed_batch_applies_the_valid_and_refuses_the_rest_one_by_one(
     # Nothing to do again: every result is now a duplicate or refused.
     again = batch(rig, items)
     assert again.effects == []
-    assert again.ignored == 4
+    assert again.ignored == [0, 1, 4, 6]
     assert [i for i, _ in again.rejected] == [2, 3, 5]
 
 
@@ -376,7 +376,7 @@ def test_threads_racing_with_one_batch_each_apply_every_result_once(
     dispatched = [t for o in outcomes for t in Effects(o.effects).tasks]
     assert sorted(t.agent_id for t in dispatched) == sorted(agents)
     assert all(t.step_id == "verify" for t in dispatched)
-    assert sum(o.ignored for o in outcomes) == 2 * len(agents)
+    assert sum(len(o.ignored) for o in outcomes) == 2 * len(agents)
     for t in tasks:
         rows = rig.executions(t.workflow_id)
         assert [(r.step_id, r.status) for r in rows] == [
@@ -402,7 +402,7 @@ def test_overlapping_batches_from_two_controllers_apply_each_result_once(
     assert sorted(
         e.agent_id or "" for e in finished if e.kind.value == "workflow.finished"
     ) == sorted(agents)
-    assert sum(o.ignored for o in outcomes) == 2
+    assert sum(len(o.ignored) for o in outcomes) == 2
 
 
 def test_a_batch_racing_a_tick_that_times_out_its_step(rig: EngineRig) -> None:
