@@ -563,18 +563,28 @@ class Controller:
 
         def work(
             session: Session, batch: list[tuple[aiomqtt.Message, str, TaskResult]]
-        ) -> tuple[list[Publish], list[TaskResult]]:
+        ) -> tuple[list[Publish], list[TaskResult], list[Rejected]]:
             now = utcnow()
             effects: list[Publish] = []
             ignored: list[TaskResult] = []
+            refused: list[Rejected] = []
             for _, agent_id, result in batch:
-                fx = self.engine.handle_result(session, agent_id, result, now)
+                try:
+                    fx = self.engine.handle_result(session, agent_id, result, now)
+                except EngineError as exc:
+                    # Raised before the engine writes anything (it checks the
+                    # task first), so the batch goes on. Failing the whole
+                    # transaction instead would replay every other result in
+                    # it one transaction each: a bogus task id cost ~200
+                    # transactions, and a flood of them stalled real results.
+                    refused.append(Rejected(exc.code, str(exc), agent_id=agent_id))
+                    continue
                 # An accepted result always publishes (a step.finished event at
                 # least); none means its attempt had already ended.
                 if not fx:
                     ignored.append(result)
                 effects += fx
-            return effects, ignored
+            return effects, ignored, refused
 
         for batch, outcome in await self._in_batches(items, work):
             if isinstance(outcome, EngineError):
@@ -585,7 +595,9 @@ class Controller:
             elif isinstance(outcome, BaseException):
                 self._failed(RESULTS, batch[0][1], outcome)
             else:
-                effects, ignored = outcome
+                effects, ignored, refused = outcome
+                for rejected in refused:
+                    self._reject(rejected, RESULTS)
                 self._duplicates(ignored)
                 await self._publish(effects)
             self._ack(m for m, _, _ in batch)

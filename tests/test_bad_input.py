@@ -13,12 +13,14 @@ import asyncio
 import collections
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,6 +49,7 @@ from tests.support.infra import BrokerHandle, free_port
 from tests.support.system import (
     Audit,
     Children,
+    agents_process,
     controller_answers,
     controller_process,
     trigger,
@@ -391,3 +394,128 @@ async def test_replayed_results_change_nothing_and_are_counted(
     (step,) = [s for s in snap.steps if s.task_id == task_id]
     assert (step.status, step.output) == ("succeeded", "the first answer")
     assert [s.step_index for s in snap.steps if s.status != "dispatched"] == [0]
+
+
+def flood_messages(known: str, reply_to: str) -> list[tuple[str, bytes, int]]:
+    """One round of the flood: (topic, payload, qos), every channel, bad."""
+    status = AgentStatus(agent_id=known, state=AgentState.ONLINE, epoch=1)
+    request = RegisterRequest(request_id="r", reply_to=reply_to, hostname="h")
+    ghost = TaskResult(agent_id=known, task_id="ghost", status=ResultStatus.FAILED)
+    return [
+        (T.heartbeat(known), b"{not json", 0),
+        (T.heartbeat(known), good_with(Heartbeat(agent_id=known), seq=-1), 0),
+        (T.status(known), good_with(status, epoch="x"), 1),
+        (T.results(known), encode(ghost), 1),
+        (T.rpc(RpcMethod.REGISTER), good_with(request, reply_to="elsewhere/x"), 1),
+        (T.rpc(RpcMethod.TRIGGER), b"[]", 1),
+    ]
+
+
+FLOOD_TOTAL = 12_000
+
+
+class Flood:
+    """Publishes ``total`` messages from one client, as fast as it can."""
+
+    def __init__(self, client: aiomqtt.Client, messages: list[tuple[str, bytes, int]]):
+        self.client = client
+        self.messages = messages
+        self.sent = 0
+        #: Set once ``warm_up`` messages are out.
+        self.warm = asyncio.Event()
+        self.warm_up = 2_000
+
+    async def run(self, total: int, oversized_every: int = 500) -> None:
+        while self.sent < total:
+            batch = []
+            for i in range(min(len(self.messages) * 50, total - self.sent)):
+                topic, payload, qos = self.messages[i % len(self.messages)]
+                if (self.sent + i) % oversized_every == 0:
+                    topic, payload, qos = T.heartbeat("x"), OVERSIZED, 0
+                batch.append(self.client.publish(topic, payload, qos=qos))
+            # QoS 1 publishes wait for their PUBACK: send a round at once.
+            await asyncio.gather(*batch)
+            self.sent += len(batch)
+            if self.sent >= self.warm_up:
+                self.warm.set()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.timeout(90)
+async def test_flood_from_one_client_is_counted_and_survived(
+    mosquitto_broker: BrokerHandle, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Invariant: while one client floods every channel with bad messages, a
+    valid workflow still completes; afterwards every flood message is
+    accounted for (rejected under its reason, or a QoS 0 message dropped at
+    the bounded queue), and the controller's memory has not grown with the
+    number of messages."""
+    broker = mosquitto_broker
+    upgrade(sqlite_url)
+    audit = Audit(sqlite_url)
+    async with controller_with_metrics(broker, sqlite_url, tmp_path) as (
+        controller,
+        m,
+        b,
+    ):
+        with Children() as children:
+            children.start(
+                agents_process(
+                    tmp_path, broker.url, tmp_path / "agents", count=1, heartbeat_s=1
+                )
+            )
+            (agent_id,) = await audit.online(1)
+            await trigger(b, agent_id)
+            await audit.all_final(1, timeout_s=20)
+            rss = psutil.Process(controller.pid)
+            rss_before = rss.memory_info().rss
+            before = await m.rejected()
+            dropped_before = await m.value("kbbus_messages_dropped_total")
+            async with BusClient(broker.url, "flooder") as client:
+                flood = Flood(client, flood_messages(agent_id, b.reply_to))
+                clock = time.monotonic()
+                flooding = asyncio.create_task(flood.run(FLOOD_TOTAL))
+                await asyncio.wait_for(flood.warm.wait(), 60)
+                started = await audit.snapshot()
+                sent_at_trigger = flood.sent
+                triggered_at = time.monotonic()
+                await trigger(b, agent_id, timeout_s=30)
+                snap = await audit.all_final(2, timeout_s=45)
+                workflow_s = time.monotonic() - triggered_at
+                await flooding
+        sent = flood.sent
+
+        async def accounted() -> bool:
+            rejected = sum((await m.rejected() - before).values())
+            dropped = await m.value("kbbus_messages_dropped_total") - dropped_before
+            return rejected + dropped >= sent
+
+        await async_wait_until(accounted, timeout_s=60, what="the flood accounted")
+        drain_s = time.monotonic() - clock
+        rejected = await m.rejected() - before
+        dropped = await m.value("kbbus_messages_dropped_total") - dropped_before
+        rss_after = rss.memory_info().rss
+        assert controller.alive()
+    audit.close()
+    assert len(started.workflows) == 1
+    assert all(s == "succeeded" for _, s in snap.workflows.values()), snap.workflows
+    assert sent == FLOOD_TOTAL
+    assert sent_at_trigger < FLOOD_TOTAL
+    assert sum(rejected.values()) + dropped == sent, (dict(rejected), dropped, sent)
+    assert set(rejected) <= {
+        ("malformed_json", "heartbeat"),
+        ("schema", "heartbeat"),
+        ("oversized", "heartbeat"),
+        ("bad_topic", "heartbeat"),
+        ("schema", "status"),
+        ("not_found", "results"),
+        ("bad_reply_to", "rpc"),
+        ("schema", "rpc"),
+    }, rejected
+    growth_mb = (rss_after - rss_before) / 2**20
+    print(
+        f"flood: sent={sent} dropped={dropped:.0f} drained in {drain_s:.1f}s "
+        f"({sent / drain_s:.0f}/s) workflow={workflow_s:.1f}s "
+        f"rss growth={growth_mb:.1f} MiB"
+    )
+    assert growth_mb < 64, f"controller RSS grew {growth_mb:.0f} MiB over the flood"
