@@ -9,18 +9,29 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from bridge_http.auth import AgentBearer, Bearer
 from bridge_http.board import Waiter
 from bridge_http.deps import BridgeDep, errors
-from bridge_http.errors import BodyTooLarge, BridgeError, ControllerRefused
+from bridge_http.errors import (
+    BodyTooLarge,
+    BridgeError,
+    ControllerRefused,
+    Forbidden,
+    Unauthorized,
+)
 from bridge_http.models import (
+    ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatBody,
     RegisterBody,
+    RegisteredAgent,
     ResultAnswer,
     ResultBody,
 )
 from schemas import DEFAULT_MAX_PAYLOAD_BYTES, encode
 from schemas.messages import (
+    ControllerKeys,
+    ErrorCode,
     HeartbeatReply,
     HeartbeatRequest,
     Id,
@@ -32,7 +43,6 @@ from schemas.messages import (
     TaskResult,
 )
 from schemas.topics import RpcMethod
-from schemas.views import AgentView
 
 log = logging.getLogger("kbbus.bridge")
 
@@ -46,19 +56,33 @@ router = APIRouter(prefix="/api/v1/agent", tags=["agent"])
 @router.post(
     "/register",
     status_code=201,
-    response_model=AgentView,
-    responses=errors(413, 502, 503),
+    response_model=RegisteredAgent,
+    responses=errors(401, 403, 413, 429, 502, 503),
     summary="Register an HTTP agent; the controller issues its agent_id.",
 )
-async def register(body: RegisterBody, bridge: BridgeDep) -> AgentView:
-    reply = await bridge.rpc.call(
-        RpcMethod.REGISTER,
-        RegisterRequest,
-        RegisterReply,
-        hostname=body.hostname,
-        ip_address=body.ip_address,
-        os=body.os,
-    )
+async def register(
+    body: RegisterBody, request: Request, bridge: BridgeDep, credentials: Bearer
+) -> RegisteredAgent:
+    # Limited before any token is looked at: guessing tokens costs time too.
+    bridge.register_limit.check(request.client.host if request.client else "")
+    enrolment_token = bridge.auth.enrolment(credentials)
+    try:
+        reply = await bridge.rpc.call(
+            RpcMethod.REGISTER,
+            RegisterRequest,
+            RegisterReply,
+            hostname=body.hostname,
+            ip_address=body.ip_address,
+            os=body.os,
+            enrolment_token=enrolment_token,
+        )
+    except ControllerRefused as exc:
+        if exc.code == ErrorCode.UNAUTHORIZED:
+            what = "the enrolment token"
+            if enrolment_token is None:
+                raise Unauthorized(what) from None
+            raise Forbidden(what) from None
+        raise
     if reply.agent is None:
         raise ControllerRefused.malformed("register reply (no agent)")
     bridge.board.note_agent(reply.agent.agent_id)
@@ -67,16 +91,40 @@ async def register(body: RegisterBody, bridge: BridgeDep) -> AgentView:
         reply.agent.agent_id,
         body.hostname,
     )
-    return reply.agent
+    return RegisteredAgent(
+        **reply.agent.model_dump(), signing_keys=list(reply.signing_keys)
+    )
+
+
+@router.get(
+    "/keys",
+    response_model=ControllerKeys,
+    responses={404: {"model": ErrorAnswer, "description": "No keys published (yet)."}},
+    summary="The controller's signing keys, signed by each of them.",
+)
+async def controller_keys(bridge: BridgeDep) -> Response:
+    # Public keys, and agents check the set's signatures against keys they
+    # already trust: no token needed to read it.
+    payload = bridge.bus.controller_keys
+    if payload is None:
+        raise ControllerRefused(
+            ErrorCode.NOT_FOUND,
+            "The controller has published no signing keys (task signing is off, "
+            "or no controller has connected yet).",
+        )
+    return Response(content=payload, media_type="application/json")
 
 
 @router.post(
     "/heartbeat",
     response_model=HeartbeatAnswer,
-    responses=errors(404, 413, 502, 503),
+    responses=errors(401, 403, 404, 413, 502, 503),
     summary="A heartbeat, confirmed by the controller (404 for unknown ids).",
 )
-async def heartbeat(body: HeartbeatBody, bridge: BridgeDep) -> HeartbeatAnswer:
+async def heartbeat(
+    body: HeartbeatBody, bridge: BridgeDep, credentials: AgentBearer
+) -> HeartbeatAnswer:
+    bridge.auth.agent(credentials, body.agent_id)
     await bridge.rpc.call(
         RpcMethod.HEARTBEAT,
         HeartbeatRequest,
@@ -93,13 +141,14 @@ async def heartbeat(body: HeartbeatBody, bridge: BridgeDep) -> HeartbeatAnswer:
     response_model=Task,
     responses={
         204: {"description": "No task came within the timeout."},
-        **errors(404, 502, 503),
+        **errors(401, 403, 404, 502, 503),
     },
     summary="Long poll for the agent's next task.",
 )
 async def poll_task(
     request: Request,
     bridge: BridgeDep,
+    credentials: AgentBearer,
     agent_id: Annotated[Id, Query(description="The polling agent.")],
     timeout_s: Annotated[
         float,
@@ -112,6 +161,7 @@ async def poll_task(
         ),
     ] = LONG_POLL_DEFAULT_S,
 ) -> Response:
+    bridge.auth.agent(credentials, agent_id)
     board = bridge.board
     metrics = bridge.metrics
     task = board.pending(agent_id)
@@ -181,10 +231,13 @@ def _task_response(task: Task) -> Response:
     "/tasks/results",
     status_code=202,
     response_model=ResultAnswer,
-    responses=errors(404, 409, 413, 502, 503),
+    responses=errors(401, 403, 404, 409, 413, 502, 503),
     summary="Post a task's result; 202 once the broker acknowledged it.",
 )
-async def post_result(body: ResultBody, bridge: BridgeDep) -> JSONResponse:
+async def post_result(
+    body: ResultBody, bridge: BridgeDep, credentials: AgentBearer
+) -> JSONResponse:
+    bridge.auth.agent(credentials, body.agent_id)
     result = TaskResult(**body.model_dump(exclude_none=True))
     payload = encode(result)
     if len(payload) > DEFAULT_MAX_PAYLOAD_BYTES:

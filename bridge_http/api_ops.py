@@ -5,9 +5,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from bridge_http.auth import require_operator
 from bridge_http.core import Bridge
 from bridge_http.deps import BridgeDep, errors
 from bridge_http.errors import ControllerRefused
@@ -33,7 +34,12 @@ log = logging.getLogger("kbbus.bridge")
 # A comment line this often keeps proxies from closing a quiet event stream.
 SSE_KEEPALIVE_S = 15.0
 
-router = APIRouter(prefix="/api/v1")
+# Every operator endpoint needs the operator token (when one is configured).
+router = APIRouter(
+    prefix="/api/v1",
+    dependencies=[Depends(require_operator)],
+    responses=errors(401, 403),
+)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 

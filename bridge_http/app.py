@@ -105,7 +105,9 @@ async def metrics(bridge: BridgeDep) -> Response:
 
 async def _bridge_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BridgeError)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+    return JSONResponse(
+        {"detail": exc.message}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:

@@ -51,6 +51,10 @@ class Bus:
         self._tasks_filter = topics.all_agents(AgentChannel.TASKS)
         self._status_filter = topics.all_agents(AgentChannel.STATUS)
         self._events_filter = topics.events_filter()
+        self._keys_topic = topics.controller_keys()
+        #: The controller's signing key set as last published (retained), for
+        #: HTTP agents that meet a task signed by a key they do not know yet.
+        self.controller_keys: bytes | None = None
         self._board = board
         self._router = router
         self._metrics = metrics
@@ -111,6 +115,7 @@ class Bus:
         # enough, a miss only costs one look-up request later.
         await client.subscribe(self._status_filter, qos=0)
         await client.subscribe(self.reply_topic, qos=1)
+        await client.subscribe(self._keys_topic, qos=1)
         if self._follow_events:
             await client.subscribe(self._events_filter, qos=0)
 
@@ -142,6 +147,9 @@ class Bus:
                     self._board.note_agent(
                         self.topics.parse_agent(topic.value).agent_id
                     )
+            elif topic.value == self._keys_topic:
+                # Kept as published: agents verify its signatures themselves.
+                self.controller_keys = bytes(payload) or None
             elif self._follow_events and topic.matches(self._events_filter):
                 self._on_event(bytes(payload))
             else:

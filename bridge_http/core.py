@@ -5,6 +5,7 @@ import contextlib
 import logging
 import secrets
 
+from bridge_http.auth import Auth, RateLimiter
 from bridge_http.board import TaskBoard
 from bridge_http.bus import Bus
 from bridge_http.errors import ControllerRefused
@@ -24,6 +25,10 @@ class Bridge:
         self.topics = Topics(settings.topic_root)
         self.metrics = BridgeMetrics()
         self.board = TaskBoard()
+        self.auth = Auth(settings)
+        self.register_limit = RateLimiter(
+            settings.register_rate_per_s, settings.register_burst
+        )
         self.router = ReplyRouter(self.metrics)
         client_id = settings.client_id or f"kbbus-bridge-{secrets.token_hex(6)}"
         self.bus = Bus(

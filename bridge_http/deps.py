@@ -16,9 +16,12 @@ def get_bridge(request: Request) -> Bridge:
 BridgeDep = Annotated[Bridge, Depends(get_bridge)]
 
 _MEANING = {
+    401: "No bearer token where one is required.",
+    403: "The bearer token is not the right one.",
     404: "Unknown agent, task, workflow or KB.",
     409: "The task belongs to another agent, or the request conflicts.",
     413: "The body is over the size limit.",
+    429: "Too many registrations from this address; see Retry-After.",
     502: "The controller failed to handle the request.",
     503: "The broker or the controller did not answer in time.",
 }

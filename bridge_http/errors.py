@@ -9,9 +9,14 @@
   ``ErrorCode`` picks the status (404, 409, 422, 503, 502).
 - ``BodyTooLarge`` (413): a request body or the message made of it is over
   the size limit.
+- ``Unauthorized`` (401): no bearer token where one is required.
+- ``Forbidden`` (403): a bearer token that is not the right one.
+- ``TooManyRequests`` (429): over a rate limit; ``Retry-After`` says when.
 - ``CannotServe``: the bridge cannot listen on its address (at start, not
   over HTTP).
 """
+
+import math
 
 from schemas.messages import ErrorCode
 
@@ -20,6 +25,7 @@ _STATUS_BY_CODE = {
     ErrorCode.CONFLICT: 409,
     ErrorCode.INVALID: 422,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.UNAUTHORIZED: 403,
     # The controller failed on its side: the bridge itself is fine.
     ErrorCode.INTERNAL: 502,
 }
@@ -33,6 +39,7 @@ class BridgeError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.headers: dict[str, str] = {}
 
 
 class BusUnavailable(BridgeError):
@@ -72,6 +79,36 @@ class BodyTooLarge(BridgeError):
             f"The request body of {what} is over the limit of {limit} bytes; "
             "send less output."
         )
+
+
+class Unauthorized(BridgeError):
+    status_code = 401
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"This endpoint needs {what}: send the header "
+            "'Authorization: Bearer <token>'."
+        )
+        self.headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(BridgeError):
+    status_code = 403
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"The bearer token is not {what}.")
+        self.headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class TooManyRequests(BridgeError):
+    status_code = 429
+
+    def __init__(self, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            f"Too many registrations from this address; retry in {seconds} s."
+        )
+        self.headers = {"Retry-After": str(seconds)}
 
 
 class CannotServe(BridgeError):

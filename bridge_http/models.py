@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from schemas.messages import Id, ShortText
-from schemas.views import WorkflowStatusName, WorkflowView
+from schemas.messages import Id, ShortText, SigningKey
+from schemas.views import AgentView, WorkflowStatusName, WorkflowView
 
 # Exit codes outside a signed 32-bit range are not exit codes; refusing them
 # here keeps them out of the controller's integer columns.
@@ -49,6 +49,13 @@ class RegisterBody(Body):
     hostname: Annotated[str, StringConstraints(min_length=1, max_length=255)]
     ip_address: ShortText = ""
     os: ShortText = ""
+
+
+class RegisteredAgent(AgentView):
+    """The registered agent, with what it needs from now on: its HTTP token
+    (in ``credentials``, when tokens are on) and the keys tasks are signed by."""
+
+    signing_keys: list[SigningKey] = Field(default_factory=list)
 
 
 class HeartbeatBody(Body):

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import DEFAULT_ROOT
@@ -41,6 +41,31 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Largest request body accepted."
+    )
+    # Protection (README, "Security"). Unset tokens leave their endpoints open.
+    operator_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token the operator endpoints (trigger, cancel, "
+        "look-ups, events) require.",
+    )
+    agent_secret: SecretStr | None = Field(
+        default=None,
+        description="The controller's agent secret: agent endpoints then require "
+        "the agent's own bearer token.",
+    )
+    enrolment_token: SecretStr | None = Field(
+        default=None,
+        description="Registration requires this bearer token (the controller "
+        "checks it too).",
+    )
+    register_rate_per_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Registrations per second per client "
+        "address, sustained; 0 = no limit.",
+    )
+    register_burst: int = Field(
+        default=100, ge=1, description="Registrations per client address at once."
     )
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
