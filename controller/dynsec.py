@@ -52,8 +52,10 @@ def role_acls(role: Role, root: str, client_id: str) -> list[dict[str, Any]]:
     for topic in read_rules(role, root, client_id):
         acls += [_acl("subscribePattern", topic), _acl("publishClientReceive", topic)]
     if role is Role.ENROL:
-        # One concrete reply topic only: a wildcard would read every enrolling
-        # client's credentials.
+        # Without %c (Mosquitto 2.1) the role cannot name the client's own
+        # reply topic: it may read any one concrete topic under replies/enrol/,
+        # and the random part of the client id is what keeps clients apart. A
+        # wildcard would read every enrolling client's credentials.
         for wildcard in ("+", "#"):
             topic = f"{root}/replies/{ENROL_REPLY_LEVEL}/{wildcard}"
             acls.append(_acl("subscribeLiteral", topic, allow=False, priority=10))
@@ -120,9 +122,8 @@ def initial_config(
         role_list.append({"rolename": username, "acls": role_acls(role, root, "")})
     if enrolment_token:
         clients.append(_hashed(ENROL_USERNAME, enrolment_token, ENROL_USERNAME))
-        role_list.append(
-            {"rolename": ENROL_USERNAME, "acls": role_acls(Role.ENROL, root, "")}
-        )
+        acls = role_acls(Role.ENROL, root, "+")
+        role_list.append({"rolename": ENROL_USERNAME, "acls": acls})
     return {
         "clients": clients,
         "roles": role_list,

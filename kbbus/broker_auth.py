@@ -33,6 +33,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from schemas.access import (
+    ENROL_CLIENT_PREFIX,
     ENROL_USERNAME,
     SERVICE_ROLES,
     Role,
@@ -48,9 +49,6 @@ from schemas.topics import DEFAULT_ROOT
 log = logging.getLogger("kbbus.broker")
 
 PLUGIN_PATH = "kbbus.broker_auth.AccessPlugin"
-#: Enrolling clients name themselves ``kbbus-enrol-<random>``: a client id in
-#: a namespace of its own cannot take over an agent's session.
-ENROL_CLIENT_PREFIX = "kbbus-enrol-"
 _ROLE_ATTR = "kbbus_role"
 
 

@@ -10,10 +10,10 @@ keeps Mosquitto's dynamic-security plugin in step) and the embedded broker
   heartbeat and results and the ``register``/``heartbeat`` requests; it reads
   its own tasks, the replies to itself and the controller's signing keys.
 - **enrol** (``kbbus-enrol``, password = the operator's enrolment token): a
-  new agent's first connection. It may only publish ``rpc/register`` and read
-  one concrete topic under ``replies/enrol/``: the reply topic is a random
-  name the enrolling client picks, which is what keeps one enrolling client
-  from reading another's credentials.
+  new agent's first connection, client id ``kbbus-enrol-<random>``. It may
+  only publish ``rpc/register`` and read ``replies/enrol/<its client id>``,
+  which is what keeps one enrolling client from reading another's
+  credentials.
 - **controller**: everything under the root.
 - **bridge**: heartbeats and results for HTTP agents, every request; reads
   agents, replies, events and the signing keys.
@@ -34,6 +34,10 @@ BRIDGE_USERNAME = "kbbus-bridge"
 OPERATOR_USERNAME = "kbbus-operator"
 #: The level under ``{root}/replies/`` that enrolling clients answer on.
 ENROL_REPLY_LEVEL = "enrol"
+#: Enrolling clients name themselves ``kbbus-enrol-<random>``: a client id in a
+#: namespace of its own cannot take over an agent's session, and the random
+#: part keeps their reply topics apart.
+ENROL_CLIENT_PREFIX = "kbbus-enrol-"
 
 
 class Role(StrEnum):
@@ -75,9 +79,9 @@ def same_secret(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-def enrol_reply_topic(root: str, nonce: str) -> str:
-    """Where an enrolling client waits for its reply (``nonce``: random, secret)."""
-    return f"{root}/replies/{ENROL_REPLY_LEVEL}/{nonce}"
+def enrol_reply_topic(root: str, client_id: str) -> str:
+    """Where the enrolling client ``client_id`` waits for its reply."""
+    return f"{root}/replies/{ENROL_REPLY_LEVEL}/{client_id}"
 
 
 # --- topic rules ---------------------------------------------------------------
@@ -110,8 +114,8 @@ _READ: dict[Role, tuple[str, ...]] = {
         "{root}/replies/{me}",
         "{root}/controller/keys",
     ),
-    # One concrete reply topic; ``allowed_subscription`` refuses wildcards.
-    Role.ENROL: (f"{{root}}/replies/{ENROL_REPLY_LEVEL}/+",),
+    # Its own reply topic; ``allowed_subscription`` refuses wildcards.
+    Role.ENROL: (f"{{root}}/replies/{ENROL_REPLY_LEVEL}/{{me}}",),
     Role.CONTROLLER: ("{root}/#",),
     Role.BRIDGE: (
         "{root}/agents/#",
