@@ -596,8 +596,8 @@ class Controller:
                 self._failed(RESULTS, batch[0][1], outcome)
             else:
                 effects, ignored, refused = outcome
-                for rejected in refused:
-                    self._reject(rejected, RESULTS)
+                for refused_one in refused:
+                    self._reject(refused_one, RESULTS)
                 self._duplicates(ignored)
                 await self._publish(effects)
             self._ack(m for m, _, _ in batch)
