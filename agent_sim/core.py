@@ -182,6 +182,7 @@ class AgentCore:
     async def execute(self, task: Task) -> bytes:
         """Run ``task`` (checked by ``precheck``) and store its result."""
         self.state.mark_started(task.task_id)
+        await self.state.persist()
         started_at = utcnow()
         remaining_s = (task.expires_at - started_at).total_seconds()
         timeout_s = max(0.001, min(task.timeout_s, remaining_s))
@@ -198,7 +199,10 @@ class AgentCore:
                 task.action,
                 outcome.error,
             )
-        return self._store(result)
+        payload = encode(result)
+        self.state.finish(result.task_id, payload.decode())
+        await self.state.persist()
+        return payload
 
     def _rng(self) -> Random:
         self._seq += 1
@@ -251,6 +255,8 @@ class AgentCore:
         return self._result(task_id, Outcome.failed(error, exit_code=None), started_at)
 
     def _store(self, result: TaskResult) -> bytes:
+        """Remember ``result`` and write the file now (the rare, blocking path)."""
         payload = encode(result)
         self.state.finish(result.task_id, payload.decode())
+        self.state.save()
         return payload

@@ -51,7 +51,7 @@ from schemas.topics import RpcMethod, Topics
 log = logging.getLogger("kbbus.agent")
 
 MISC_INTERVAL_S = 1.0
-MAX_CONCURRENT_CONNECTS = 256
+MAX_CONCURRENT_CONNECTS = 128
 STOP_TIMEOUT_S = 10.0
 
 
@@ -132,6 +132,8 @@ def _on_publish(
         if agent.connected and not agent.online:
             agent.online = True
             agent.fleet.counters.online += 1
+            if agent.fleet.counters.online >= agent.fleet.settings.count:
+                agent.fleet.all_online.set()
 
 
 class FleetAgent:
@@ -183,11 +185,11 @@ class FleetAgent:
     def _load(self) -> None:
         """Read the state file and build the paho client: what a process start does."""
         settings = self.fleet.settings
-        self.state = AgentState.load_or_create(
-            state_path(settings.state_dir, self.index),
-            str(uuid.uuid4()),
-            max_finished=settings.max_finished,
-        )
+        path = state_path(settings.state_dir, self.index)
+        # A new agent's file is first written with its first epoch, off the loop.
+        self.state = AgentState.load(
+            path, max_finished=settings.max_finished
+        ) or AgentState(path, str(uuid.uuid4()), max_finished=settings.max_finished)
         self.core = AgentCore(
             self.state,
             self.fleet.runner,
@@ -234,7 +236,7 @@ class FleetAgent:
 
     async def _connect(self) -> None:
         fleet, settings, topics = self.fleet, self.fleet.settings, self.fleet.topics
-        self.epoch = self.state.next_epoch(now_ms())
+        self.epoch = await self.state.next_epoch_async(now_ms())
         self.client.will_set(
             topics.status(self.agent_id),
             status_payload(self.agent_id, False, self.epoch, "will"),
@@ -480,6 +482,7 @@ class Fleet:
         self.all_connected_s: float | None = None
         self.all_connected = asyncio.Event()
         self.none_connected = asyncio.Event()
+        self.all_online = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._address: tuple[int, tuple[str, int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()

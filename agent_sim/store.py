@@ -9,8 +9,10 @@ the stored result, across restarts, instead of running it twice. The file is
 not fsynced: it survives a crash of the agent, not a power cut of its host.
 """
 
+import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,15 @@ STATE_VERSION = 1
 
 
 class AgentState:
-    """An agent's persistent state; every mutating method writes the file."""
+    """An agent's persistent state.
+
+    ``next_epoch`` and ``load_or_create`` write the file; the other changes
+    are made in memory and stored by ``save`` (blocking) or ``persist``
+    (in a worker thread), which the caller awaits before acting on them.
+    """
 
     __slots__ = (
+        "_writing",
         "agent_id",
         "finished",
         "last_epoch",
@@ -50,6 +58,7 @@ class AgentState:
         self.started: list[str] | None = started or None
         #: task id -> the result as JSON text, oldest first.
         self.finished: dict[str, str] = finished or {}
+        self._writing: asyncio.Future[None] | None = None
 
     # --- loading ------------------------------------------------------------
     @classmethod
@@ -99,14 +108,21 @@ class AgentState:
         self.save()
         return self.last_epoch
 
+    async def next_epoch_async(self, now_ms: int) -> int:
+        """``next_epoch`` with the file written off the event loop."""
+        self.last_epoch = max(now_ms, self.last_epoch + 1)
+        epoch = self.last_epoch
+        await self.persist()
+        return epoch
+
     def mark_started(self, task_id: str) -> None:
         if self.started is None:
             self.started = []
         self.started.append(task_id)
-        self.save()
 
     def finish(self, task_id: str, result_json: str) -> None:
-        """Remember ``task_id``'s result and forget that it was running."""
+        """Remember ``task_id``'s result and forget that it was running (in
+        memory: call ``save`` or ``persist`` to store it)."""
         if self.started is not None and task_id in self.started:
             self.started.remove(task_id)
             if not self.started:
@@ -114,7 +130,6 @@ class AgentState:
         self.finished.pop(task_id, None)
         self.finished[task_id] = result_json
         self._trim()
-        self.save()
 
     def result_of(self, task_id: str) -> str | None:
         return self.finished.get(task_id)
@@ -123,7 +138,7 @@ class AgentState:
         while len(self.finished) > self.max_finished:
             del self.finished[next(iter(self.finished))]
 
-    def save(self) -> None:
+    def _snapshot(self) -> str:
         data = {
             "v": STATE_VERSION,
             "agent_id": self.agent_id,
@@ -131,15 +146,41 @@ class AgentState:
             "started": self.started or [],
             "finished": list(self.finished.items()),
         }
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        return json.dumps(data, separators=(",", ":"))
+
+    def _write(self, text: str) -> None:
+        # One temporary file per thread: a write abandoned by a cancelled
+        # ``persist`` can never interleave with the next one.
+        tmp = self.path.with_name(f"{self.path.name}.{threading.get_ident()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, separators=(",", ":")))
+            tmp.write_text(text)
             os.replace(tmp, self.path)
         except OSError as exc:
             raise StateFileError(
                 f"Cannot write agent state file {self.path}: {exc}"
             ) from exc
+
+    def save(self) -> None:
+        """Write the state now, blocking."""
+        self._write(self._snapshot())
+
+    async def persist(self) -> None:
+        """Write the state in a worker thread; returns once it is on disk.
+
+        A rename costs up to a few milliseconds on a busy disk: thousands of
+        agents must not wait for each other's on the event loop. Writes of one
+        agent never overlap, and a write that started before this call is
+        followed by one that includes everything changed until now.
+        """
+        while self._writing is not None:
+            await asyncio.shield(self._writing)
+        loop = asyncio.get_running_loop()
+        self._writing = loop.run_in_executor(None, self._write, self._snapshot())
+        try:
+            await asyncio.shield(self._writing)
+        finally:
+            self._writing = None
 
 
 def state_path(state_dir: Path, index: int) -> Path:

@@ -2,7 +2,8 @@
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,11 @@ async def test_chaos_drop_and_freeze_fire_the_will_and_agents_come_back(
                 ),
                 10,
             )
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    # Leaked sockets (amqtt leaves some when a client vanishes) then fail the
+    # test that leaked them, not whichever test the collector runs in next.
+    yield
+    gc.collect()

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -272,3 +273,11 @@ async def _until(
         return predicate()
 
     await async_wait_until(check, timeout_s=timeout_s, what=what)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    # Leaked sockets (amqtt leaves some when a client vanishes) then fail the
+    # test that leaked them, not whichever test the collector runs in next.
+    yield
+    gc.collect()
