@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.topics import DEFAULT_ROOT
@@ -25,6 +25,10 @@ class Settings(BaseSettings):
         default=None, description="Speak HTTP to the bridge instead of MQTT."
     )
     topic_root: str = DEFAULT_ROOT
+    enrolment_token: SecretStr | None = Field(
+        default=None,
+        description="The operator's enrolment token, for a first registration.",
+    )
     count: int = Field(default=1, ge=1, le=100_000)
     keepalive_s: int = Field(default=10, ge=1, le=65535)
     heartbeat_s: float = Field(default=10.0, gt=0)
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_urls(self) -> "Settings":
         url = urlsplit(self.mqtt_url)
-        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+        if url.scheme not in ("mqtt", "tcp", "mqtts", "ssl") or not url.hostname:
             raise ValueError(
                 f"--mqtt-url {self.mqtt_url!r} is not mqtt://host:port; "
                 "give e.g. mqtt://127.0.0.1:1883."

@@ -114,9 +114,9 @@ class Settings(BaseSettings):
                 "or --open-enrolment to let anyone register (a lab only)."
             )
         if self.enrolment_token is not None and self.open_enrolment:
-            raise ValueError(
-                "--enrolment-token and --open-enrolment exclude each other; give one."
-            )
+            # Given both (an inherited KBBUS_OPEN_ENROLMENT, say), the safer one
+            # wins.
+            self.open_enrolment = False
         if (
             self.enrolment_token is not None
             and not self.enrolment_token.get_secret_value()
