@@ -27,9 +27,10 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# Long-running tests, outside the usual time limit.
+# The long soak (KBBUS_SOAK_S seconds of load, default 180), outside the usual
+# time limit; the default run has only its short version.
 soak:
-	scripts/test -m soak -o timeout=0 $(ARGS)
+	scripts/test -m soak -o timeout=0 tests/test_soak.py $(ARGS)
 
 bench: setup
 	$(VENV)/bin/kbbus bench --json bench-results.json $(ARGS)
