@@ -23,6 +23,21 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(
+    help="The controller's task-signing keys (a running controller picks up "
+    "changes within --signing-key-check-s).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+KeyDir = Annotated[
+    Path,
+    typer.Option(
+        "--signing-key-dir",
+        envvar="KBBUS_SIGNING_KEY_DIR",
+        help="The controller's key directory.",
+    ),
+]
+DEFAULT_KEY_DIR = Path(".kbbus/keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -336,6 +351,54 @@ def mosquitto_dynsec(
         f"wrote {path}: accounts {', '.join(sorted(passwords)) or 'none'}"
         f"{', kbbus-enrol' if token else ''}"
     )
+
+
+def _keys_call(fn: object, *args: object) -> object:
+    from controller.signing import SigningError
+
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except SigningError as exc:
+        err_console.print(f"kbbus keys: {exc}", highlight=False, soft_wrap=True)
+        _exit(operator.EXIT_USAGE)
+    return None  # pragma: no cover
+
+
+@keys_app.command("list")
+def keys_list(key_dir: KeyDir = DEFAULT_KEY_DIR) -> None:
+    """The keys agents accept, the active (signing) one first."""
+    from controller.signing import Keyring
+
+    keyring = _keys_call(Keyring.load, key_dir)
+    assert isinstance(keyring, Keyring)
+    for i, key in enumerate(keyring.signing_keys()):
+        mark = "active " if i == 0 else "listed "
+        console.print(f"{mark}{key.key_id} {key.public_key}", highlight=False)
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_dir: KeyDir = DEFAULT_KEY_DIR) -> None:
+    """Make a new signing key; older keys stay listed until retired."""
+    from controller.signing import rotate
+
+    key_id = _keys_call(rotate, key_dir)
+    console.print(
+        f"new active key {key_id} in {key_dir}; agents learn it from the signed "
+        "key set the controller publishes. Retire the old key once they have.",
+        highlight=False,
+    )
+
+
+@keys_app.command("retire")
+def keys_retire(
+    key_id: Annotated[str, typer.Argument(help="The key to stop accepting.")],
+    key_dir: KeyDir = DEFAULT_KEY_DIR,
+) -> None:
+    """Remove a key: agents drop it with the next key set."""
+    from controller.signing import retire
+
+    _keys_call(retire, key_dir, key_id)
+    console.print(f"retired {key_id}", highlight=False)
 
 
 def main() -> None:

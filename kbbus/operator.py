@@ -1,8 +1,10 @@
 """Operator commands (trigger, status, watch, kbs): HTTP calls to the bridge."""
 
 import json
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,8 +27,38 @@ class OperatorError(Exception):
         self.exit_code = exit_code
 
 
-def _client(http_url: str, timeout_s: float = 10.0) -> httpx.Client:
-    return httpx.Client(base_url=http_url, timeout=timeout_s)
+def operator_token() -> str | None:
+    """KBBUS_OPERATOR_TOKEN, else the one ``kbbus up`` keeps in its data dir.
+
+    The fallback lets ``kbbus status`` work beside a local ``kbbus up`` with
+    nothing exported; the file is readable by its owner only.
+    """
+    token = os.environ.get("KBBUS_OPERATOR_TOKEN")
+    if token:
+        return token
+    path = Path(os.environ.get("KBBUS_DATA_DIR", ".kbbus")) / "secrets.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    value = stored.get("operator_token") if isinstance(stored, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _headers() -> dict[str, str]:
+    token = operator_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client(http_url: str, timeout_s: float | None = 10.0) -> httpx.Client:
+    return httpx.Client(base_url=http_url, timeout=timeout_s, headers=_headers())
+
+
+_AUTH_HINT = {
+    401: "the bridge needs the operator token: set KBBUS_OPERATOR_TOKEN "
+    "(`kbbus up` prints it)",
+    403: "the bridge refused the operator token in KBBUS_OPERATOR_TOKEN",
+}
 
 
 def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
@@ -44,6 +76,8 @@ def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
         except ValueError:
             detail = response.text
         code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_USAGE
+        if response.status_code in _AUTH_HINT:
+            detail = _AUTH_HINT[response.status_code]
         raise OperatorError(f"{response.status_code}: {detail}", code)
     return response.json() if response.content else None
 
@@ -179,9 +213,14 @@ def iter_events(http_url: str) -> Iterator[dict[str, Any]]:
     """Events from the bridge's Server-Sent Events stream, forever."""
     try:
         with (
-            httpx.Client(base_url=http_url, timeout=None) as client,
+            _client(http_url, timeout_s=None) as client,
             client.stream("GET", "/api/v1/events") as response,
         ):
+            if response.status_code in _AUTH_HINT:
+                raise OperatorError(
+                    f"{response.status_code}: {_AUTH_HINT[response.status_code]}",
+                    EXIT_USAGE,
+                )
             if response.status_code != 200:
                 raise OperatorError(
                     f"{response.status_code} from /api/v1/events", EXIT_UNREACHABLE

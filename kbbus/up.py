@@ -64,6 +64,7 @@ SECRETS_FILE = "secrets.json"
 SECRET_NAMES = (
     "enrolment_token",
     "agent_secret",
+    "operator_token",
     CONTROLLER_USERNAME,
     BRIDGE_USERNAME,
     OPERATOR_USERNAME,
@@ -124,10 +125,14 @@ async def spawn(
     return Child(name, proc)
 
 
-async def wait_ready(http_url: str, children: list[Child]) -> None:
+async def wait_ready(
+    http_url: str, children: list[Child], headers: dict[str, str] | None = None
+) -> None:
     """Until the bridge answers and the controller answers through it."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    async with httpx.AsyncClient(base_url=http_url, timeout=2.0) as client:
+    async with httpx.AsyncClient(
+        base_url=http_url, timeout=2.0, headers=headers
+    ) as client:
         while time.monotonic() < deadline:
             for child in children:
                 if child.proc.returncode is not None:
@@ -150,6 +155,7 @@ def banner(
     stored: dict[str, str] | None = None,
 ) -> str:
     root = "kbbus/v1"
+    auth = enrol = ""
     sub = f"mosquitto_sub -p {opts.mqtt_port}"
     if opts.tls is not None:
         sub += " --cafile <your CA file>"
@@ -161,7 +167,12 @@ def banner(
             f"  enrolment     token {stored['enrolment_token']}\n"
             f"                (KBBUS_ENROLMENT_TOKEN for agents; all secrets in "
             f"{opts.data_dir / SECRETS_FILE})\n"
+            f"  operator      token {stored['operator_token']}\n"
+            f"                (KBBUS_OPERATOR_TOKEN; kbbus status/trigger/watch "
+            f"read it from there too)\n"
         )
+        auth = f" -H 'Authorization: Bearer {stored['operator_token']}'"
+        enrol = f" -H 'Authorization: Bearer {stored['enrolment_token']}'"
     return f"""
 kbbus is up.
   MQTT broker   {mqtt_url}  (embedded amqtt)
@@ -175,8 +186,8 @@ Try next:
   kbbus watch
   {sub} -t '{root}/agents/+/status' -v
   {sub} -t '{root}/events/#' -v
-  curl -s {http_url}/api/v1/agents
-  curl -s -X POST {http_url}/api/v1/agent/register \\
+  curl -s{auth} {http_url}/api/v1/agents
+  curl -s -X POST {http_url}/api/v1/agent/register{enrol} \\
        -H 'Content-Type: application/json' \\
        -d '{{"hostname": "my-dev-machine", "ip_address": "192.168.1.100",
             "os": "Ubuntu 22.04"}}'
@@ -235,6 +246,19 @@ async def run_up(opts: UpOptions) -> int:
             "KBBUS_ENROLMENT_TOKEN": stored["enrolment_token"],
             "KBBUS_AGENT_SECRET": stored["agent_secret"],
         }
+    # The operator token is the bridge's alone; agents never see it.
+    bridge_env = dict(agent_env)
+    operator_headers: dict[str, str] = {}
+    if stored is not None:
+        stored["operator_token"] = (
+            os.environ.get("KBBUS_OPERATOR_TOKEN") or stored["operator_token"]
+        )
+        bridge_env["KBBUS_OPERATOR_TOKEN"] = stored["operator_token"]
+        operator_headers = {"Authorization": f"Bearer {stored['operator_token']}"}
+    controller_env = {
+        **agent_env,
+        "KBBUS_SIGNING_KEY_DIR": str(opts.data_dir / "keys"),
+    }
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -257,7 +281,7 @@ async def run_up(opts: UpOptions) -> int:
                     *controller_security,
                     *opts.controller_args,
                 ],
-                agent_env,
+                controller_env,
             )
         )
         children.append(
@@ -273,10 +297,10 @@ async def run_up(opts: UpOptions) -> int:
                     str(opts.http_port),
                     *opts.bridge_args,
                 ],
-                agent_env,
+                bridge_env,
             )
         )
-        await wait_ready(http_url, children)
+        await wait_ready(http_url, children, operator_headers)
         if opts.agents:
             children.append(
                 await spawn(
