@@ -35,6 +35,7 @@ class AgentState:
         "finished",
         "last_epoch",
         "max_finished",
+        "mqtt_password",
         "path",
         "started",
     )
@@ -46,6 +47,7 @@ class AgentState:
         *,
         max_finished: int = 64,
         last_epoch: int = 0,
+        mqtt_password: str | None = None,
         started: list[str] | None = None,
         finished: dict[str, str] | None = None,
     ) -> None:
@@ -53,6 +55,9 @@ class AgentState:
         self.agent_id = agent_id
         self.max_finished = max_finished
         self.last_epoch = last_epoch
+        #: The agent's own broker password, issued at enrolment (None: none yet,
+        #: or a broker without accounts).
+        self.mqtt_password = mqtt_password
         # Task ids that began running and have no result yet. Usually empty, so
         # None rather than an empty list to keep thousands of agents small.
         self.started: list[str] | None = started or None
@@ -80,6 +85,7 @@ class AgentState:
                 agent_id,
                 max_finished=max_finished,
                 last_epoch=int(data.get("last_epoch", 0)),
+                mqtt_password=data.get("mqtt_password") or None,
                 started=[str(t) for t in data.get("started", [])],
                 finished={str(t): str(r) for t, r in data.get("finished", [])},
             )
@@ -143,6 +149,7 @@ class AgentState:
             "v": STATE_VERSION,
             "agent_id": self.agent_id,
             "last_epoch": self.last_epoch,
+            **({"mqtt_password": self.mqtt_password} if self.mqtt_password else {}),
             "started": self.started or [],
             "finished": list(self.finished.items()),
         }

@@ -25,18 +25,32 @@ def heartbeat_payload(agent_id: str, seq: int, metrics: dict[str, float]) -> byt
 
 
 def register_request(
-    topics: Topics, agent_id: str, hostname: str, ip_address: str, os_name: str
+    topics: Topics,
+    agent_id: str,
+    hostname: str,
+    ip_address: str,
+    os_name: str,
+    *,
+    reply_to: str | None = None,
+    enrolment_token: str | None = None,
+    mqtt_password: str | None = None,
 ) -> tuple[str, bytes]:
-    """A ``RegisterRequest`` keeping ``agent_id``; returns (request_id, payload)."""
+    """A ``RegisterRequest`` keeping ``agent_id``; returns (request_id, payload).
+
+    A first registration carries the enrolment token; a later one the agent's
+    own MQTT password (README, "Security").
+    """
     request_id = uuid.uuid4().hex
     payload = encode(
         RegisterRequest(
             request_id=request_id,
-            reply_to=topics.reply(agent_id),
+            reply_to=reply_to or topics.reply(agent_id),
             hostname=hostname[:255] or "unknown",
             ip_address=ip_address,
             os=os_name,
             agent_id=agent_id,
+            enrolment_token=None if mqtt_password else enrolment_token,
+            mqtt_password=mqtt_password,
         )
     )
     return request_id, payload

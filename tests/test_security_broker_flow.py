@@ -17,6 +17,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from agent_sim.runtime import MqttAgent
+from agent_sim.settings import Settings as AgentSettings
+from agent_sim.store import AgentState as AgentStateFile
+from agent_sim.store import state_path
 from controller.settings import Settings
 from schemas import decode, encode
 from schemas.access import (
@@ -209,3 +213,80 @@ async def test_enrolled_agent_reconnects_as_itself_and_runs_a_workflow(
             with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await agent
     assert status == "succeeded"
+
+
+async def test_simulated_agent_enrols_stores_its_credentials_and_runs_a_workflow(
+    secure: SecuredBroker, sqlite_url: str, tmp_path: Path
+) -> None:
+    """agent_sim's MQTT agent: token once, then its own account, also after a
+    restart without the token."""
+    settings = secure_settings(secure, sqlite_url, tmp_path)
+    state_dir = tmp_path / "agents"
+    agent_settings = AgentSettings(
+        mqtt_url=secure.anonymous_url,
+        enrolment_token=secure.enrolment_token,
+        state_dir=state_dir,
+        heartbeat_s=0.5,
+        reconnect_min_s=0.1,
+        reconnect_max_s=0.5,
+    )
+    async with running_controller(settings), service_bus(secure) as ops:
+        agent = MqttAgent(agent_settings)
+        running = asyncio.create_task(agent.run())
+        try:
+            stored = await async_wait_until(
+                lambda: stored_password(state_dir),
+                timeout_s=TIMEOUT_S,
+                what="credentials in the agent's state file",
+            )
+            assert stored is not None
+            expected = secure.agent_url(agent.agent_id)
+            assert secure.url(agent.agent_id, stored) == expected
+            status = await run_workflow(ops, agent.agent_id, running)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+        assert status == "succeeded"
+
+        # Restarted without the token: it logs in with what it stored.
+        again = MqttAgent(agent_settings.model_copy(update={"enrolment_token": None}))
+        assert again.agent_id == agent.agent_id
+        running = asyncio.create_task(again.run())
+        try:
+            assert await run_workflow(ops, again.agent_id, running) == "succeeded"
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+
+async def stored_password(state_dir: Path) -> str | None:
+    state = AgentStateFile.load(state_path(state_dir, 0))
+    return None if state is None else state.mqtt_password
+
+
+async def run_workflow(ops: Bus, agent_id: str, running: "asyncio.Task[None]") -> str:
+    """Trigger dns-flush-kb on ``agent_id`` and wait for its final status."""
+    trigger = ops.new_request(TriggerRequest, agent_id=agent_id, kb_id="dns-flush-kb")
+    started = await ops.request(RpcMethod.TRIGGER, trigger, TriggerReply)
+    assert started.workflow is not None, started.error
+    workflow_id = started.workflow.workflow_id
+
+    async def finished() -> str | None:
+        if running.done():
+            running.result()
+        lookup = ops.new_request(
+            LookupRequest, kind=LookupKind.WORKFLOW, id=workflow_id
+        )
+        got = await ops.request(RpcMethod.LOOKUP, lookup, LookupReply)
+        view = got.workflows[0] if got.workflows else None
+        if view is None or view.status not in FINAL_WORKFLOW_STATES:
+            return None
+        return view.status
+
+    status = await async_wait_until(
+        finished, timeout_s=30, what=f"workflow {workflow_id} finished"
+    )
+    assert status is not None
+    return status
