@@ -34,6 +34,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent_sim.core import AgentCore, Counters
+from agent_sim.enrol import EnrolmentFailed, enrol, must_enrol
 from agent_sim.runtime import local_address, os_name, runner_from
 from agent_sim.settings import Settings
 from agent_sim.store import AgentState, state_path
@@ -85,7 +86,7 @@ def _on_socket_close(client: mqtt.Client, agent: "FleetAgent", sock: Any) -> Non
 
 def _on_register_write(client: mqtt.Client, agent: "FleetAgent", sock: Any) -> None:
     if not agent.frozen:
-        agent.fleet.loop.add_writer(sock, client.loop_write)
+        agent.fleet.want_write(agent)
 
 
 def _on_unregister_write(client: mqtt.Client, agent: "FleetAgent", sock: Any) -> None:
@@ -204,6 +205,8 @@ class FleetAgent:
             clean_session=False,
             userdata=self,
         )
+        if self.state.mqtt_password is not None:
+            client.username_pw_set(self.state.agent_id, self.state.mqtt_password)
         client.max_inflight_messages_set(settings.max_inflight)
         client.max_queued_messages_set(settings.max_queued)
         client.on_socket_open = _on_socket_open
@@ -236,7 +239,27 @@ class FleetAgent:
 
     async def _connect(self) -> None:
         fleet, settings, topics = self.fleet, self.fleet.settings, self.fleet.topics
-        self.epoch = await self.state.next_epoch_async(now_ms())
+        if must_enrol(settings, self.state):
+            try:
+                await enrol(
+                    settings,
+                    topics,
+                    self.state,
+                    hostname=f"{settings.hostname}-sim-{self.index}",
+                    ip_address=fleet.ip_address,
+                    os_name=fleet.os_name,
+                )
+            except EnrolmentFailed as exc:
+                raise ConnectionError(str(exc)) from None
+            assert self.state.mqtt_password is not None
+            self.client.username_pw_set(self.agent_id, self.state.mqtt_password)
+        # Written in the background: on a busy disk a rename takes up to tens
+        # of ms, and awaiting it capped the connect rate at ~300/s. The cost:
+        # if the process dies before the write lands *and* the host clock then
+        # steps back, an epoch could repeat. runtime.MqttAgent, what real
+        # machines run, writes its epoch before connecting.
+        self.epoch = self.state.last_epoch = max(now_ms(), self.state.last_epoch + 1)
+        fleet.spawn(self.state.persist())
         self.client.will_set(
             topics.status(self.agent_id),
             status_payload(self.agent_id, False, self.epoch, "will"),
@@ -285,6 +308,7 @@ class FleetAgent:
             f"{self.fleet.settings.hostname}-sim-{self.index}",
             self.fleet.ip_address,
             self.fleet.os_name,
+            mqtt_password=self.state.mqtt_password,
         )
         self.register_id = request_id
         self.client.publish(self.fleet.topics.rpc(RpcMethod.REGISTER), payload, qos=1)
@@ -487,11 +511,37 @@ class Fleet:
         self._address: tuple[int, tuple[str, int]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.connecting = asyncio.Semaphore(MAX_CONCURRENT_CONNECTS)
+        self._writers: list[FleetAgent] = []
+        self._flush_scheduled = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the fleet is not running"
         return self._loop
+
+    def want_write(self, agent: FleetAgent) -> None:
+        """paho has bytes to send for ``agent``: send them on this loop pass.
+
+        Registering a writer for every packet costs two epoll changes and a
+        loop pass each; most packets fit the socket buffer at once, so write
+        first and wait for writability only when the socket is full.
+        """
+        self._writers.append(agent)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        writers, self._writers = self._writers, []
+        for agent in writers:
+            client = agent.client
+            if agent.frozen or client.socket() is None:
+                continue
+            client.loop_write()
+            sock = client.socket()
+            if sock is not None and client.want_write():
+                self.loop.add_writer(sock, client.loop_write)
 
     async def address(self) -> tuple[int, tuple[str, int]]:
         if self._address is None:
