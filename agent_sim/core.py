@@ -2,14 +2,26 @@
 
 The rules, in the order they are checked:
 
-1. a task for another agent is ignored;
-2. a task id already finished is answered with the stored result, never run
+1. a task for another agent is refused (``misaddressed``);
+2. when the controller signs tasks (``trust.TrustStore``), a task without a
+   signature, signed by a key not trusted, or whose signature does not cover
+   it exactly is refused; one signed by a key not known *yet* waits up to
+   ``UNKNOWN_KEY_GRACE_S`` for the controller's new key set first, and any task
+   waits while no registration has said whether tasks are signed;
+3. a task id seen before with another nonce, or a nonce seen before with
+   another task id, is refused (``replayed``): the controller gives a task the
+   same nonce every time it republishes it;
+4. a task id already finished is answered with the stored result, never run
    again (retained messages are redelivered on every reconnect, and the
    controller republishes dispatched tasks when it restarts);
-3. the task already running is left alone;
-4. an expired task is refused with a ``failed`` result, ``error: "expired"``;
-5. anything else runs, replacing (and canceling) a running task: the retained
+5. the task already running is left alone;
+6. an expired task is refused (``expired``);
+7. anything else runs, replacing (and canceling) a running task: the retained
    topic holds one current task, so a new one means the old one is over.
+
+A refusal is reported as a ``failed`` result with ``error: "refused: <reason>"``
+and a WARNING; only the expired one is stored (the others may be forgeries of
+a task id the controller has yet to send).
 
 A task id is written to the state file before it runs and its result before
 the result is sent. A task interrupted by a crash is therefore never rerun: on
@@ -18,6 +30,7 @@ the next start it is finished with a ``failed`` result (``interrupted``).
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,12 +38,21 @@ from random import Random
 
 from agent_sim.actions import ActionRunner, Outcome
 from agent_sim.store import AgentState
+from agent_sim.trust import UNKNOWN_KEY, Mode, TrustStore
 from schemas import MessageError, decode, encode
 from schemas.messages import ResultStatus, Task, TaskResult, utcnow
 
 log = logging.getLogger("kbbus.agent")
 
-ERROR_EXPIRED = "expired"
+REFUSED = "refused: "
+ERROR_EXPIRED = REFUSED + "expired"
+MISADDRESSED = "misaddressed"
+REPLAYED = "replayed"
+NO_KEYS = "no trusted keys"
+#: How long a task signed by an unknown key waits for a new key set.
+UNKNOWN_KEY_GRACE_S = 10.0
+#: Task ids (and their nonces) remembered per agent for replay checks.
+MAX_NONCES = 256
 ERROR_CANCELED = "canceled: the task was cleared or replaced"
 ERROR_INTERRUPTED = "interrupted: the agent stopped while the task ran"
 
@@ -57,6 +79,10 @@ class AgentCore:
     """Task handling for one agent; the transport gives it ``send``."""
 
     __slots__ = (
+        "_held",
+        "_held_timer",
+        "_nonce_owner",
+        "_nonces",
         "_running",
         "_running_id",
         "_seq",
@@ -66,6 +92,7 @@ class AgentCore:
         "seed",
         "send",
         "state",
+        "trust",
     )
 
     def __init__(
@@ -77,8 +104,16 @@ class AgentCore:
         counters: Counters | None = None,
         seed: int | None = None,
         index: int = 0,
+        trust: TrustStore | None = None,
     ) -> None:
         self.state = state
+        #: None: no signature checks at all (tests of the task rules alone).
+        self.trust = trust
+        self._held: Task | None = None
+        self._held_timer: asyncio.TimerHandle | None = None
+        #: task id -> nonce, oldest first; and nonce -> task id.
+        self._nonces: OrderedDict[str, str] = OrderedDict()
+        self._nonce_owner: dict[str, str] = {}
         self.runner = runner
         self.send = send
         self.counters = counters or Counters()
@@ -111,6 +146,7 @@ class AgentCore:
     def on_payload(self, payload: bytes) -> None:
         """A message on the agent's task topic; empty means "no current task"."""
         if not payload:
+            self._drop_held()
             self.cancel_running()
             return
         try:
@@ -125,9 +161,11 @@ class AgentCore:
 
     def on_task(self, task: Task) -> None:
         """Apply the rules of this module to ``task``; results go to ``send``."""
-        if not self.is_mine(task):
+        if self.must_wait(task):
+            self._hold(task)
             return
-        answer = self.precheck(task)
+        self._drop_held()
+        answer = self.admit(task)
         if answer is not None:
             self.send(answer)
             return
@@ -137,16 +175,103 @@ class AgentCore:
         self._running_id = task.task_id
         self._running = asyncio.create_task(self._run_and_send(task))
 
-    def is_mine(self, task: Task) -> bool:
-        if task.agent_id == self.agent_id:
+    # --- checks -------------------------------------------------------------------
+    def must_wait(self, task: Task) -> bool:
+        """Whether ``task`` can be judged only once the keys are known."""
+        trust = self.trust
+        if trust is None or task.agent_id != self.agent_id:
+            return False
+        if trust.mode is Mode.UNKNOWN:
             return True
+        return (
+            trust.mode is Mode.SIGNED
+            and task.key_id is not None
+            and task.key_id not in trust.key_ids
+        )
+
+    def admit(self, task: Task) -> bytes | None:
+        """The answer to ``task`` if it must not run, else None (run it)."""
+        if task.agent_id != self.agent_id:
+            return self.refuse(task, MISADDRESSED)
+        trust = self.trust
+        if trust is not None and trust.mode is Mode.UNKNOWN:
+            return self.refuse(task, NO_KEYS)
+        if trust is not None and trust.mode is Mode.SIGNED:
+            reason = trust.check(task) or self._replayed(task)
+            if reason is not None:
+                return self.refuse(task, reason)
+        return self.precheck(task)
+
+    def _replayed(self, task: Task) -> str | None:
+        assert task.nonce is not None  # checked with the signature
+        seen = self._nonces.get(task.task_id)
+        owner = self._nonce_owner.get(task.nonce)
+        if (seen is not None and seen != task.nonce) or (
+            owner is not None and owner != task.task_id
+        ):
+            return REPLAYED
+        if seen is None:
+            self._nonces[task.task_id] = task.nonce
+            self._nonce_owner[task.nonce] = task.task_id
+            while len(self._nonces) > MAX_NONCES:
+                _, nonce = self._nonces.popitem(last=False)
+                self._nonce_owner.pop(nonce, None)
+        return None
+
+    def refuse(self, task: Task, reason: str) -> bytes:
+        """Report ``task`` refused: a ``failed`` result, not stored."""
         self.counters.rejected += 1
         log.warning(
-            "ignoring a task for another agent: agent_id=%s task_agent_id=%s",
+            "refused a task: agent_id=%s task_id=%s reason=%s task_agent_id=%s "
+            "key_id=%s",
             self.agent_id,
+            task.task_id,
+            reason,
             task.agent_id,
+            task.key_id,
         )
-        return False
+        return encode(self._failed(task.task_id, REFUSED + reason, None))
+
+    # --- tasks waiting for keys ------------------------------------------------
+    def _hold(self, task: Task) -> None:
+        assert self.trust is not None
+        if self._held is None or self._held.task_id != task.task_id:
+            self._drop_held()
+            log.info(
+                "task waits for the controller's keys: agent_id=%s task_id=%s "
+                "key_id=%s trust=%s",
+                self.agent_id,
+                task.task_id,
+                task.key_id,
+                self.trust.mode.value,
+            )
+            if self.trust.mode is Mode.SIGNED:
+                self._held_timer = asyncio.get_running_loop().call_later(
+                    UNKNOWN_KEY_GRACE_S, self._give_up_held
+                )
+        self._held = task
+        self.trust.listeners.add(self._retry_held)
+
+    def _drop_held(self) -> None:
+        self._held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        if self.trust is not None:
+            self.trust.listeners.discard(self._retry_held)
+
+    def _retry_held(self) -> None:
+        """The keys changed: judge the waiting task again."""
+        task = self._held
+        if task is not None:
+            self.on_task(task)
+
+    def _give_up_held(self) -> None:
+        task = self._held
+        self._held_timer = None
+        self._drop_held()
+        if task is not None:
+            self.send(self.refuse(task, UNKNOWN_KEY))
 
     def precheck(self, task: Task) -> bytes | None:
         """The answer to ``task`` if it must not run (seen or expired), else None."""
@@ -162,8 +287,8 @@ class AgentCore:
             return stored.encode()
         if task.task_id != self._running_id and task.expires_at <= utcnow():
             self.counters.expired += 1
-            log.info(
-                "refusing an expired task: agent_id=%s task_id=%s expired_at=%s",
+            log.warning(
+                "refused an expired task: agent_id=%s task_id=%s expired_at=%s",
                 self.agent_id,
                 task.task_id,
                 task.expires_at.isoformat(),

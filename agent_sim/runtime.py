@@ -21,6 +21,7 @@ import aiomqtt
 
 from agent_sim.actions import ActionRunner
 from agent_sim.core import AgentCore, Counters
+from agent_sim.enrol import enrol, must_enrol
 from agent_sim.settings import Settings
 from agent_sim.store import AgentState, state_path
 from agent_sim.wire import (
@@ -31,7 +32,6 @@ from agent_sim.wire import (
     status_payload,
 )
 from schemas import MessageError, decode
-from schemas.access import ENROL_CLIENT_PREFIX, ENROL_USERNAME, enrol_reply_topic
 from schemas.bus import tls_parameters
 from schemas.messages import RegisterReply
 from schemas.topics import RpcMethod, Topics
@@ -101,8 +101,15 @@ class MqttAgent:
         try:
             while True:
                 try:
-                    if self._must_enrol():
-                        await self._enrol()
+                    if must_enrol(self.settings, self.state):
+                        await enrol(
+                            self.settings,
+                            self.topics,
+                            self.state,
+                            hostname=self.settings.hostname,
+                            ip_address=local_address(),
+                            os_name=os_name(),
+                        )
                     epoch = self.state.next_epoch(now_ms())
                     async with self._connect(epoch) as client:
                         self.counters.connects += 1
@@ -220,67 +227,6 @@ class MqttAgent:
                     message.topic.value,
                     self.agent_id,
                 )
-
-    # --- enrolment ----------------------------------------------------------
-    def _must_enrol(self) -> bool:
-        return (
-            self.state.mqtt_password is None
-            and self.settings.enrolment_token is not None
-        )
-
-    async def _enrol(self) -> None:
-        """First registration, over the enrolment account: store the agent's own
-        credentials; raises ``aiomqtt.MqttError`` to be retried with backoff."""
-        token = self.settings.enrolment_token
-        assert token is not None
-        client_id = f"{ENROL_CLIENT_PREFIX}{uuid.uuid4().hex}"
-        reply_to = enrol_reply_topic(self.topics.root, client_id)
-        request_id, payload = register_request(
-            self.topics,
-            self.agent_id,
-            self.settings.hostname,
-            local_address(),
-            os_name(),
-            reply_to=reply_to,
-            enrolment_token=token.get_secret_value(),
-        )
-        async with aiomqtt.Client(
-            self.settings.mqtt_host,
-            self.settings.mqtt_port,
-            identifier=client_id,
-            username=ENROL_USERNAME,
-            password=token.get_secret_value(),
-            tls_params=tls_parameters(self.settings.mqtt_url),
-            timeout=self.settings.connect_timeout_s,
-        ) as client:
-            await client.subscribe(reply_to, qos=1)
-            await client.publish(self.topics.rpc(RpcMethod.REGISTER), payload, qos=1)
-            try:
-                async with asyncio.timeout(self.settings.register_timeout_s):
-                    reply = await self._reply_on(client, reply_to, request_id)
-            except TimeoutError:
-                raise aiomqtt.MqttError("no answer to the enrolment") from None
-        if reply.error is not None or reply.agent is None:
-            code = reply.error.code if reply.error else "no agent"
-            raise aiomqtt.MqttError(f"enrolment refused ({code})")
-        password = (reply.agent.credentials or {}).get("mqtt_password")
-        if password is None:
-            raise aiomqtt.MqttError("the enrolment reply carried no credentials")
-        self.state.mqtt_password = password
-        await self.state.persist()
-        log.info("enrolled, connecting as itself: agent_id=%s", self.agent_id)
-
-    async def _reply_on(
-        self, client: aiomqtt.Client, topic: str, request_id: str
-    ) -> RegisterReply:
-        async for message in client.messages:
-            if message.topic.value != topic or not isinstance(message.payload, bytes):
-                continue
-            with suppress(MessageError):
-                reply = decode(RegisterReply, message.payload)
-                if reply.request_id == request_id:
-                    return reply
-        raise aiomqtt.MqttError("the enrolment connection closed")
 
     # --- registration -------------------------------------------------------
     async def _register(self, client: aiomqtt.Client) -> None:

@@ -133,6 +133,11 @@ class AccessPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool | None:
+        return self.allowed(session, topic, action)
+
+    def allowed(
+        self, session: Session | None, topic: str | None, action: Action | None
+    ) -> bool:
         role = role_of(session)
         if role is None or topic is None or session is None:
             return False
@@ -163,7 +168,24 @@ def access_plugin(broker_plugins: Any) -> AccessPlugin | None:
 
 
 class SecureBroker(Broker):  # type: ignore[misc]
-    """amqtt's broker with a topic check on retained messages sent at connect."""
+    """amqtt's broker with topic checks that cannot race, and on retained
+    messages sent at connect."""
+
+    async def _topic_filtering(
+        self, session: Session, topic: str, action: Action
+    ) -> bool:
+        # amqtt awaits this inside its loop over the subscriptions dict; its
+        # plugin manager suspends there, another client's SUBSCRIBE changes the
+        # dict, and the broadcast dies ("dictionary changed size during
+        # iteration"), losing the message. Our check never suspends.
+        plugins = self.plugins_manager.plugins
+        plugin = access_plugin(plugins)
+        if plugin is not None:
+            return plugin.allowed(session, topic, action)
+        if not any(isinstance(p, BaseTopicPlugin) for p in plugins):
+            return True  # what amqtt answers with no topic plugin, without a yield
+        result: bool = await super()._topic_filtering(session, topic, action)
+        return result
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -182,9 +204,7 @@ class SecureBroker(Broker):  # type: ignore[misc]
         for topic, retained in list(self._retained_messages.items()):
             if not self._matches(topic, topic_filter):
                 continue
-            if not await plugin.topic_filtering(
-                session=session, topic=topic, action=Action.RECEIVE
-            ):
+            if not plugin.allowed(session, topic, Action.RECEIVE):
                 continue
             qos_out = min(qos, retained.qos or qos)
             # Concurrently, as amqtt does: each QoS 1 send waits for its PUBACK.

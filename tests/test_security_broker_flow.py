@@ -17,6 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from agent_sim.fleet import Fleet
 from agent_sim.runtime import MqttAgent
 from agent_sim.settings import Settings as AgentSettings
 from agent_sim.store import AgentState as AgentStateFile
@@ -290,3 +291,40 @@ async def run_workflow(ops: Bus, agent_id: str, running: "asyncio.Task[None]") -
     )
     assert status is not None
     return status
+
+
+async def test_simulated_fleet_enrols_every_agent(
+    secure: SecuredBroker, sqlite_url: str, tmp_path: Path
+) -> None:
+    settings = secure_settings(secure, sqlite_url, tmp_path)
+    state_dir = tmp_path / "fleet"
+    fleet_settings = AgentSettings(
+        mqtt_url=secure.anonymous_url,
+        enrolment_token=secure.enrolment_token,
+        state_dir=state_dir,
+        count=3,
+        heartbeat_s=0.5,
+        reconnect_min_s=0.1,
+        reconnect_max_s=0.5,
+        summary_interval_s=0,
+    )
+    async with running_controller(settings), service_bus(secure) as ops:
+        running = asyncio.create_task(Fleet(fleet_settings).run())
+
+        async def all_online() -> bool:
+            if running.done():
+                running.result()
+            lookup = ops.new_request(LookupRequest, kind=LookupKind.AGENTS)
+            got = await ops.request(RpcMethod.LOOKUP, lookup, LookupReply)
+            return sum(a.status == "online" for a in got.agents or []) == 3
+
+        try:
+            await async_wait_until(all_online, timeout_s=30, what="3 agents online")
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    for index in range(3):
+        state = AgentStateFile.load(state_path(state_dir, index))
+        assert state is not None
+        assert state.mqtt_password is not None
