@@ -38,6 +38,7 @@ from agent_sim.enrol import EnrolmentFailed, enrol, must_enrol
 from agent_sim.runtime import local_address, os_name, runner_from
 from agent_sim.settings import Settings
 from agent_sim.store import AgentState, state_path
+from agent_sim.trust import TrustStore
 from agent_sim.wire import (
     Backoff,
     heartbeat_payload,
@@ -117,6 +118,9 @@ def _on_message(
         agent.core.on_payload(bytes(msg.payload))
     elif "/replies/" in msg.topic:
         agent.on_reply(bytes(msg.payload))
+    elif msg.topic == agent.fleet.keys_topic:
+        # Every agent receives the retained set; the store checks it once.
+        agent.fleet.trust.key_set(bytes(msg.payload))
 
 
 def _on_publish(
@@ -198,6 +202,7 @@ class FleetAgent:
             counters=self.fleet.counters,
             seed=settings.seed,
             index=self.index,
+            trust=self.fleet.trust,
         )
         client = _PahoClient(
             CallbackAPIVersion.VERSION2,
@@ -290,7 +295,11 @@ class FleetAgent:
         fleet.note_connected()
         self.backoff.reset()
         self.client.subscribe(
-            [(topics.tasks(self.agent_id), 1), (topics.reply(self.agent_id), 1)]
+            [
+                (topics.tasks(self.agent_id), 1),
+                (topics.reply(self.agent_id), 1),
+                (fleet.keys_topic, 1),
+            ]
         )
         if not self.registered:
             self.send_register()
@@ -333,6 +342,7 @@ class FleetAgent:
             )
             return
         self.registered = True
+        self.fleet.trust.registered(list(reply.signing_keys))
         self.go_online(self.epoch)
 
     def go_online(self, epoch: int) -> None:
@@ -494,6 +504,9 @@ class Fleet:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_root)
+        self.keys_topic = self.topics.controller_keys()
+        #: One trust store for every agent of this process (one state dir).
+        self.trust = TrustStore.load(settings.state_dir)
         self.counters = Counters()
         self.rng = random.Random(settings.seed)
         self.runner = runner_from(settings)

@@ -24,6 +24,7 @@ from agent_sim.core import AgentCore, Counters
 from agent_sim.enrol import enrol, must_enrol
 from agent_sim.settings import Settings
 from agent_sim.store import AgentState, state_path
+from agent_sim.trust import TrustStore
 from agent_sim.wire import (
     Backoff,
     heartbeat_payload,
@@ -79,6 +80,7 @@ class MqttAgent:
             str(uuid.uuid4()),
             max_finished=settings.max_finished,
         )
+        self.trust = TrustStore.load(settings.state_dir)
         self.core = AgentCore(
             self.state,
             runner_from(settings),
@@ -86,6 +88,7 @@ class MqttAgent:
             counters=self.counters,
             seed=settings.seed,
             index=index,
+            trust=self.trust,
         )
         self.registered = False
         self._client: aiomqtt.Client | None = None
@@ -169,6 +172,7 @@ class MqttAgent:
                 [
                     (self.topics.tasks(self.agent_id), 1),
                     (self.topics.reply(self.agent_id), 1),
+                    (self.topics.controller_keys(), 1),
                 ]
             )
             await self._register(client)
@@ -210,6 +214,7 @@ class MqttAgent:
     async def _read(self, client: aiomqtt.Client) -> None:
         tasks_topic = self.topics.tasks(self.agent_id)
         reply_topic = self.topics.reply(self.agent_id)
+        keys_topic = self.topics.controller_keys()
         async for message in client.messages:
             payload = message.payload
             data = (
@@ -219,6 +224,8 @@ class MqttAgent:
                 self.core.on_payload(data)
             elif message.topic.value == reply_topic:
                 self._on_reply(message.topic.value, data)
+            elif message.topic.value == keys_topic:
+                self.trust.key_set(data)
             else:
                 # amqtt 0.12 sometimes hands a client messages it never
                 # subscribed to (its own status); they are not for us.
@@ -266,6 +273,7 @@ class MqttAgent:
             )
             return
         self.registered = True
+        self.trust.registered(list(reply.signing_keys))
         log.info("registered: agent_id=%s", self.agent_id)
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
