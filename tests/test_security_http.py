@@ -407,3 +407,60 @@ def test_seed_flow_with_tokens_and_signed_tasks(secured: str) -> None:
         wait_until(finished, timeout_s=10, what="workflow finished")
         assert status == "succeeded"
         assert len(done) == 2
+
+
+def test_http_agent_registers_with_tokens_and_runs_signed_tasks(
+    secured: str, tmp_path: Path
+) -> None:
+    """``python -m agent_sim --http-url``: enrolment token, then its own token."""
+    state_dir = tmp_path / "http-agent"
+    log = tmp_path / "http-agent.log"
+    with log.open("wb") as out:
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent_sim",
+                "--http-url",
+                secured,
+                "--state-dir",
+                str(state_dir),
+                "--heartbeat-s",
+                "1",
+                "--poll-timeout-s",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KBBUS_ENROLMENT_TOKEN": ENROL},
+        )
+    try:
+        token_file = state_dir / "agent-0.http-token"
+        wait_until(token_file.exists, timeout_s=20, what="HTTP agent registered")
+        assert token_file.stat().st_mode & 0o077 == 0
+        with httpx.Client(base_url=secured, timeout=15) as http:
+            agents = http.get("/api/v1/agents", headers=bearer(OPERATOR)).json()
+            agent_id = agents[0]["agent_id"]
+            assert token_file.read_text() == http_token(SECRET, agent_id)
+            trigger = http.post(
+                "/api/v1/internal/trigger_kb",
+                json={"agent_id": agent_id, "kb_id": "dns-flush-kb"},
+                headers=bearer(OPERATOR),
+            )
+            assert trigger.status_code == 202, trigger.text
+            workflow_id = trigger.json()["workflow_id"]
+
+            def finished() -> str | None:
+                wf = http.get(
+                    f"/api/v1/workflows/{workflow_id}", headers=bearer(OPERATOR)
+                ).json()
+                status = str(wf["status"])
+                return None if status in ("queued", "running") else status
+
+            status = wait_until(finished, timeout_s=30, what="workflow finished")
+        assert status == "succeeded", log.read_text()[-3000:]
+        assert (state_dir / "controller-keys.json").exists()
+        assert "refused" not in log.read_text()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
