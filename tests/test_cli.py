@@ -91,7 +91,7 @@ def test_up_runs_the_whole_system_and_stops_on_sigterm(tmp_path: Path) -> None:
                 return False
             if response.status_code != 200:
                 return False
-            return sum(a["status"] == "online" for a in response.json()) == 2
+            return bool(sum(a["status"] == "online" for a in response.json()) == 2)
 
         wait_until(two_online, timeout_s=60, what="two simulated agents online")
         agents = httpx.get(f"{base}/api/v1/agents", timeout=2).json()

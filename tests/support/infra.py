@@ -4,7 +4,6 @@ import asyncio
 import gc
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import uuid
@@ -16,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from kbbus.stack import free_port as free_port
+from kbbus.stack import mosquitto_config
+from kbbus.stack import port_open as port_open
 from tests.support.wait import wait_until
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -29,21 +31,6 @@ def missing(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: a missing service fails the run)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -100,29 +87,7 @@ class BrokerHandle:
     # --- Mosquitto ----------------------------------------------------------
     def config_text(self) -> str:
         assert self.workdir is not None
-        lines = [
-            "per_listener_settings false",
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "set_tcp_nodelay true",
-            "persistence true",
-            f"persistence_location {self.workdir}/",
-            "max_queued_messages 100000",
-            "max_inflight_messages 1000",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            # Started as root, Mosquitto drops to the ``mosquitto`` user, which
-            # cannot write the persistence file in our root-owned temporary
-            # directory: every restart would silently start empty.
-            *(["user root"] if os.geteuid() == 0 and not self._sets_user() else []),
-            *self.extra_conf,
-        ]
-        return "\n".join(lines) + "\n"
-
-    def _sets_user(self) -> bool:
-        """Mosquitto refuses a config that names ``user`` twice."""
-        return any(line.split()[:1] == ["user"] for line in self.extra_conf)
+        return mosquitto_config(self.port, self.workdir, self.extra_conf)
 
     def _start_mosquitto(self) -> None:
         binary = shutil.which("mosquitto") or (
