@@ -29,7 +29,10 @@ class _Link:
             pump.cancel()
         for writer in (self.client, self.upstream):
             if writer is not None:
+                # abort(): no FIN, the data held is dropped; close() as well,
+                # or the StreamWriter warns that it was never closed.
                 writer.transport.abort()
+                writer.close()
 
 
 class TcpProxy:
@@ -41,6 +44,9 @@ class TcpProxy:
         self.port = free_port()
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
+        # Every task of ours (connection handlers and pumps), so stop() can
+        # end them all before the event loop goes away.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
         #: Connections accepted since the proxy started (reconnects show here).
@@ -63,9 +69,18 @@ class TcpProxy:
         for link in list(self._links):
             link.close()
         self._links.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    def _track(self, task: "asyncio.Task[None]") -> "asyncio.Task[None]":
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def cut(self) -> None:
         """Stop forwarding; hold every socket open, old and new."""
@@ -82,12 +97,17 @@ class TcpProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self.accepted += 1
+        current = asyncio.current_task()
+        if current is not None:
+            self._track(current)
         link = _Link(writer)
         self._links.add(link)
         try:
             # A connection made during a cut hangs until the cut ends, like a
             # SYN answered by nobody (restore() then aborts it).
             await self._flowing.wait()
+            if link not in self._links:
+                return  # dropped by restore() while it hung
             up_reader, up_writer = await asyncio.open_connection(
                 self.target_host, self.target_port
             )
@@ -96,9 +116,12 @@ class TcpProxy:
             self._links.discard(link)
             return
         link.upstream = up_writer
+        if link not in self._links:  # restore() came while we connected
+            link.close()
+            return
         link.pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, link)),
-            asyncio.create_task(self._pump(up_reader, writer, link)),
+            self._track(asyncio.create_task(self._pump(reader, up_writer, link))),
+            self._track(asyncio.create_task(self._pump(up_reader, writer, link))),
         ]
 
     async def _pump(
