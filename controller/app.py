@@ -49,6 +49,7 @@ from controller.presence import (
     transition_effects,
 )
 from controller.registry import count_by_status
+from controller.results import ResultsOutcome
 from controller.rpc import Call, Rejected, Rpc, RpcError, refusal, reply_publish
 from controller.settings import Settings
 from controller.signing import Keyring, TaskSealer, agent_http_token
@@ -563,43 +564,25 @@ class Controller:
 
         def work(
             session: Session, batch: list[tuple[aiomqtt.Message, str, TaskResult]]
-        ) -> tuple[list[Publish], list[TaskResult], list[Rejected]]:
-            now = utcnow()
-            effects: list[Publish] = []
-            ignored: list[TaskResult] = []
-            refused: list[Rejected] = []
-            for _, agent_id, result in batch:
-                try:
-                    fx = self.engine.handle_result(session, agent_id, result, now)
-                except EngineError as exc:
-                    # Raised before the engine writes anything (it checks the
-                    # task first), so the batch goes on. Failing the whole
-                    # transaction instead would replay every other result in
-                    # it one transaction each: a bogus task id cost ~200
-                    # transactions, and a flood of them stalled real results.
-                    refused.append(Rejected(exc.code, str(exc), agent_id=agent_id))
-                    continue
-                # An accepted result always publishes (a step.finished event at
-                # least); none means its attempt had already ended.
-                if not fx:
-                    ignored.append(result)
-                effects += fx
-            return effects, ignored, refused
+        ) -> ResultsOutcome:
+            results = [(agent_id, result) for _, agent_id, result in batch]
+            return self.engine.handle_results(session, results, utcnow())
 
+        # The whole group in one transaction of a fixed number of statements.
+        # Refused results (unknown, or another agent's task) come back one by
+        # one in the outcome, so they cannot fail the others; only an
+        # unexpected error replays the group one result per transaction.
         for batch, outcome in await self._in_batches(items, work):
-            if isinstance(outcome, EngineError):
-                _, agent_id, result = batch[0]
-                self._reject(
-                    Rejected(outcome.code, str(outcome), agent_id=agent_id), RESULTS
-                )
-            elif isinstance(outcome, BaseException):
+            if isinstance(outcome, BaseException):
                 self._failed(RESULTS, batch[0][1], outcome)
             else:
-                effects, ignored, refused = outcome
-                for refused_one in refused:
-                    self._reject(refused_one, RESULTS)
-                self._duplicates(ignored)
-                await self._publish(effects)
+                for index, exc in outcome.rejected:
+                    agent_id = batch[index][1]
+                    self._reject(
+                        Rejected(exc.code, str(exc), agent_id=agent_id), RESULTS
+                    )
+                self._duplicates([batch[i][2] for i in outcome.ignored])
+                await self._publish(outcome.effects)
             self._ack(m for m, _, _ in batch)
 
     def _duplicates(self, results: list[TaskResult]) -> None:
