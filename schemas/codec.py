@@ -42,7 +42,7 @@ def decode(
             ) from None
         if any(e["loc"][:1] == ("v",) for e in errors):
             raise MessageError(
-                f"{model.__name__}: unsupported or missing schema version 'v'.",
+                f"{model.__name__}: unsupported schema version 'v'.",
                 reason="version",
             ) from None
         where = "; ".join(
