@@ -9,6 +9,9 @@ time, each kind in as few transactions as is safe:
 - status messages and results are applied a batch per transaction; a batch
   that fails is replayed one message per transaction, so one bad message
   cannot hold back the others;
+- result batches overlap: the consumer takes the next one while the database
+  works on the last (a few at most), publishing and acknowledging them in
+  arrival order; a status or request waits until every earlier result is in;
 - requests get one transaction each and a reply on their ``reply_to``.
 
 QoS 1 messages are acknowledged to the broker only after the transaction that
@@ -80,6 +83,11 @@ HEARTBEAT = AgentChannel.HEARTBEAT.value
 RESULTS = AgentChannel.RESULTS.value
 RPC = "rpc"
 OTHER = "other"
+# Result batches whose transactions may run at once. More than one lets the
+# consumer take the next batch while the database works on the last one;
+# each batch is applied with compare-and-set, so batches that touch the same
+# workflow (a resent result) serialise by retrying, never by double effects.
+RESULT_BATCHES_IN_FLIGHT = 3
 
 
 class _Once:
@@ -200,6 +208,11 @@ class Controller:
         self._heartbeats = HeartbeatBuffer(settings.heartbeat_flush_size)
         self._flush_lock = asyncio.Lock()
         self._connected_at = 0.0
+        #: Set while connected: where result batches run, their bound, and the
+        #: last one started (each publishes and acks after the one before).
+        self._session_tasks: asyncio.TaskGroup | None = None
+        self._result_slots = asyncio.Semaphore(RESULT_BATCHES_IN_FLIGHT)
+        self._results_tail: asyncio.Task[None] | None = None
         self._keyring = keyring
         self._sealer = TaskSealer(self.topics, keyring) if keyring else None
 
@@ -265,7 +278,10 @@ class Controller:
         # Before any task: an agent meets a new key in the set first.
         await self._announce_keys(client)
         await self._reconcile()
+        self._result_slots = asyncio.Semaphore(RESULT_BATCHES_IN_FLIGHT)
+        self._results_tail = None
         async with asyncio.TaskGroup() as tasks:
+            self._session_tasks = tasks
             if self._keyring is not None:
                 tasks.create_task(
                     self._every(self.settings.signing_key_check_s, self._check_keys)
@@ -322,6 +338,11 @@ class Controller:
 
     async def _handle(self, channel: str, group: list[aiomqtt.Message]) -> None:
         self.metrics.processed.labels(channel).inc(len(group))
+        if channel not in (RESULTS, HEARTBEAT):
+            # Statuses and requests see every earlier result committed, as
+            # if results were applied one batch at a time (a trigger after a
+            # workflow's last result finds its agent idle).
+            await self._results_applied()
         if channel == HEARTBEAT:
             await self._on_heartbeats(group)
         elif channel == STATUS:
@@ -552,6 +573,7 @@ class Controller:
     # --- results ---------------------------------------------------------------
 
     async def _on_results(self, group: list[aiomqtt.Message]) -> None:
+        """Start applying a group of results; returns once it is under way."""
         items: list[tuple[aiomqtt.Message, str, TaskResult]] = []
         for message in group:
             try:
@@ -561,29 +583,57 @@ class Controller:
                 self._ack([message])
                 continue
             items.append((message, agent_id, result))
+        if not items:
+            return
+        assert self._session_tasks is not None
+        await self._result_slots.acquire()
+        try:
+            self._results_tail = self._session_tasks.create_task(
+                self._apply_results(items, self._results_tail)
+            )
+        except BaseException:
+            self._result_slots.release()
+            raise
 
+    async def _apply_results(
+        self,
+        items: list[tuple[aiomqtt.Message, str, TaskResult]],
+        previous: "asyncio.Task[None] | None",
+    ) -> None:
         def work(
             session: Session, batch: list[tuple[aiomqtt.Message, str, TaskResult]]
         ) -> ResultsOutcome:
             results = [(agent_id, result) for _, agent_id, result in batch]
             return self.engine.handle_results(session, results, utcnow())
 
-        # The whole group in one transaction of a fixed number of statements.
-        # Refused results (unknown, or another agent's task) come back one by
-        # one in the outcome, so they cannot fail the others; only an
-        # unexpected error replays the group one result per transaction.
-        for batch, outcome in await self._in_batches(items, work):
-            if isinstance(outcome, BaseException):
-                self._failed(RESULTS, batch[0][1], outcome)
-            else:
-                for index, exc in outcome.rejected:
-                    agent_id = batch[index][1]
-                    self._reject(
-                        Rejected(exc.code, str(exc), agent_id=agent_id), RESULTS
-                    )
-                self._duplicates([batch[i][2] for i in outcome.ignored])
-                await self._publish(outcome.effects)
-            self._ack(m for m, _, _ in batch)
+        try:
+            # One transaction for the whole group: refused results come back
+            # one by one in the outcome; only an unexpected error replays the
+            # group one result per transaction.
+            outcomes = await self._in_batches(items, work)
+            if previous is not None:
+                # Publishes and acks in arrival order, whatever committed first.
+                await asyncio.wait([previous])
+            for batch, outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    self._failed(RESULTS, batch[0][1], outcome)
+                else:
+                    for index, exc in outcome.rejected:
+                        agent_id = batch[index][1]
+                        self._reject(
+                            Rejected(exc.code, str(exc), agent_id=agent_id), RESULTS
+                        )
+                    self._duplicates([batch[i][2] for i in outcome.ignored])
+                    await self._publish(outcome.effects)
+                self._ack(m for m, _, _ in batch)
+        finally:
+            self._result_slots.release()
+
+    async def _results_applied(self) -> None:
+        """Wait until every result batch started so far is committed and acked."""
+        tail = self._results_tail
+        if tail is not None and not tail.done():
+            await asyncio.wait([tail])
 
     def _duplicates(self, results: list[TaskResult]) -> None:
         """Count results that changed nothing (replayed, or after a timeout).

@@ -3,9 +3,13 @@
 The per-result ORM path (``Engine.handle_result``) is the reference: every
 scenario here runs through both and must end in the same rows, tasks and
 events. Then what only a batch has: mixed batches (valid, duplicate, foreign,
-unknown), many agents at once, a fixed number of statements, and races.
+unknown), many agents at once, a fixed number of statements, and races; last,
+the running controller, whose result batches overlap.
 """
 
+import asyncio
+import contextlib
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +17,33 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import event
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from controller.db import StepExecution, Workflow
 from controller.engine import EngineError
 from controller.results import ResultsOutcome
-from schemas.messages import ErrorCode, ResultStatus, Task, TaskResult
+from controller.store import make_engine
+from schemas import decode, encode
+from schemas.bus import BusClient
+from schemas.messages import (
+    ErrorCode,
+    ResultStatus,
+    Task,
+    TaskResult,
+    TriggerReply,
+    TriggerRequest,
+)
+from schemas.topics import AgentChannel, RpcMethod, Topics
 from schemas.views import FINAL_WORKFLOW_STATES
+from tests.support.controller_rig import (
+    bus,
+    controller_settings,
+    eventually,
+    running_controller,
+)
 from tests.support.engine_rig import Effects, EngineRig
+from tests.support.infra import BrokerHandle
 from tests.test_engine_races import all_at_once
 
 KBS: list[dict[str, Any]] = [
@@ -431,3 +454,162 @@ def test_a_batch_racing_a_tick_that_times_out_its_step(rig: EngineRig) -> None:
             [(1, "succeeded")],
             [(1, "timed_out"), (2, "dispatched")],
         )
+
+
+# --- through the running controller --------------------------------------------
+
+
+async def _answer_tasks(
+    client: BusClient, topics: Topics, copies: int, stop: asyncio.Event
+) -> list[Task]:
+    """Act as every agent: answer each new task with ``copies`` of a success."""
+    seen: dict[str, Task] = {}
+    sends: set[asyncio.Task[None]] = set()
+    tasks_filter = topics.all_agents(AgentChannel.TASKS)
+    async for message in client.messages:
+        payload = message.payload
+        # amqtt also hands a new client others' retained messages.
+        if not message.topic.matches(tasks_filter):
+            continue
+        if not isinstance(payload, bytes) or not payload:
+            if stop.is_set():
+                break
+            continue
+        task = decode(Task, payload)
+        if task.task_id in seen:
+            continue
+        seen[task.task_id] = task
+        result = encode(result_for(task, {}))
+        for _ in range(copies):
+            # Concurrently, so results of many agents reach the controller
+            # together and fill its batches.
+            send = asyncio.create_task(
+                client.publish(topics.results(task.agent_id), result, qos=1)
+            )
+            sends.add(send)
+            send.add_done_callback(sends.discard)
+    await asyncio.gather(*sends)
+    return list(seen.values())
+
+
+async def test_many_agents_results_through_the_controller_apply_each_step_once(
+    broker: BrokerHandle, db_url: str
+) -> None:
+    settings = controller_settings(broker, db_url)
+    topics = Topics(settings.topic_root)
+    async with running_controller(settings) as rig, bus(broker) as b:
+        agents = [
+            (await b.register(f"w{i}", agent_id=str(uuid.uuid4()))).agent_id
+            for i in range(12)
+        ]
+        stop = asyncio.Event()
+        async with BusClient(broker.url, f"fleet-{uuid.uuid4().hex[:8]}") as fleet:
+            await fleet.subscribe(topics.all_agents(AgentChannel.TASKS), qos=1)
+            answering = asyncio.create_task(_answer_tasks(fleet, topics, 2, stop))
+            workflows = []
+            for _ in range(2):  # the second of each agent waits for the first
+                for agent_id in agents:
+                    request = b.new_request(
+                        TriggerRequest,
+                        agent_id=agent_id,
+                        kb_id="dns-flush-kb",
+                        params={"name": "example.org"},
+                    )
+                    reply = await b.request(RpcMethod.TRIGGER, request, TriggerReply)
+                    assert reply.workflow is not None, reply.error
+                    workflows.append(reply.workflow.workflow_id)
+
+            def finished() -> bool:
+                done = [e for e in b.events if e.kind == "workflow.finished"]
+                return len(done) == len(workflows)
+
+            try:
+                await eventually(finished, timeout_s=30, what="every workflow")
+            finally:
+                stop.set()
+                answering.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answering
+
+        engine = make_engine(db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(
+                        StepExecution.workflow_id,
+                        StepExecution.step_id,
+                        StepExecution.attempt,
+                        StepExecution.status,
+                    )
+                ).all()
+                statuses = conn.execute(select(Workflow.status)).scalars().all()
+        finally:
+            engine.dispose()
+        assert sorted(statuses) == ["succeeded"] * len(workflows)
+        assert len(rows) == 2 * len(workflows)
+        assert {(r.step_id, r.attempt, r.status) for r in rows} == {
+            ("flush", 1, "succeeded"),
+            ("verify", 1, "succeeded"),
+        }
+        # Every second copy changed nothing and was counted as a duplicate.
+        await eventually(
+            lambda: rig.rejected("duplicate", "results") == len(rows),
+            timeout_s=10,
+            what="duplicates counted",
+        )
+
+
+async def test_a_trigger_right_behind_a_workflows_last_result_starts_at_once(
+    broker: BrokerHandle, db_url: str
+) -> None:
+    settings = controller_settings(broker, db_url)
+    topics = Topics(settings.topic_root)
+    async with running_controller(settings), bus(broker) as b:
+        agent_id = (await b.register("w", agent_id=str(uuid.uuid4()))).agent_id
+        mine = topics.tasks(agent_id)
+        async with BusClient(broker.url, f"agent-{uuid.uuid4().hex[:8]}") as agent:
+            await agent.subscribe(mine, qos=1)
+            first = b.new_request(
+                TriggerRequest,
+                agent_id=agent_id,
+                kb_id="dns-flush-kb",
+                params={"name": "a.example"},
+            )
+            await b.request(RpcMethod.TRIGGER, first, TriggerReply)
+            answered = 0
+            async with asyncio.timeout(20):
+                async for message in agent.messages:
+                    if message.topic.value != mine or not message.payload:
+                        continue
+                    assert isinstance(message.payload, bytes)
+                    task = decode(Task, message.payload)
+                    if task.step_id == "flush":
+                        result = encode(result_for(task, {}))
+                        await agent.publish(topics.results(agent_id), result, qos=1)
+                        answered += 1
+                        continue
+                    # The last step: its result, and on the same connection
+                    # right behind it (both packets written at once, since
+                    # aiomqtt hands a publish to paho before it awaits), the
+                    # next trigger.
+                    second = b.new_request(
+                        TriggerRequest,
+                        agent_id=agent_id,
+                        kb_id="dns-flush-kb",
+                        params={"name": "b.example"},
+                    )
+                    last = asyncio.create_task(
+                        b.client.publish(
+                            topics.results(agent_id),
+                            encode(result_for(task, {})),
+                            qos=1,
+                        )
+                    )
+                    reply_bytes = asyncio.create_task(b.send(RpcMethod.TRIGGER, second))
+                    await last
+                    async with asyncio.timeout(5):
+                        reply = decode(TriggerReply, await (await reply_bytes))
+                    break
+        assert answered == 1
+        assert reply.workflow is not None, reply.error
+        assert reply.workflow.status == "running"
