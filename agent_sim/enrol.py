@@ -17,6 +17,7 @@ import aiomqtt
 
 from agent_sim.settings import Settings
 from agent_sim.store import AgentState
+from agent_sim.trust import TrustStore
 from agent_sim.wire import register_request
 from schemas import MessageError, decode
 from schemas.access import ENROL_CLIENT_PREFIX, ENROL_USERNAME, enrol_reply_topic
@@ -43,6 +44,7 @@ async def enrol(
     hostname: str,
     ip_address: str,
     os_name: str,
+    trust: TrustStore | None = None,
 ) -> None:
     """Register ``state``'s agent with the token and store its MQTT password."""
     token = settings.enrolment_token
@@ -84,6 +86,10 @@ async def enrol(
         raise EnrolmentFailed("the enrolment reply carried no credentials")
     state.mqtt_password = password
     await state.persist()
+    if trust is not None:
+        # The enrolment reply is the first registration reply: its keys let the
+        # agent check a task waiting for it before it registers as itself.
+        trust.registered(list(reply.signing_keys))
     log.info("enrolled, connecting as itself: agent_id=%s", state.agent_id)
 
 

@@ -253,6 +253,7 @@ class FleetAgent:
                     hostname=f"{settings.hostname}-sim-{self.index}",
                     ip_address=fleet.ip_address,
                     os_name=fleet.os_name,
+                    trust=fleet.trust,
                 )
             except EnrolmentFailed as exc:
                 raise ConnectionError(str(exc)) from None

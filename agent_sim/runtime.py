@@ -112,6 +112,7 @@ class MqttAgent:
                             hostname=self.settings.hostname,
                             ip_address=local_address(),
                             os_name=os_name(),
+                            trust=self.trust,
                         )
                     epoch = self.state.next_epoch(now_ms())
                     async with self._connect(epoch) as client:
