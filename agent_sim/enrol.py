@@ -21,7 +21,7 @@ from agent_sim.trust import TrustStore
 from agent_sim.wire import register_request
 from schemas import MessageError, decode
 from schemas.access import ENROL_CLIENT_PREFIX, ENROL_USERNAME, enrol_reply_topic
-from schemas.bus import tls_parameters
+from schemas.bus import BusClient
 from schemas.messages import RegisterReply
 from schemas.topics import RpcMethod, Topics
 
@@ -61,13 +61,11 @@ async def enrol(
         enrolment_token=token.get_secret_value(),
     )
     try:
-        async with aiomqtt.Client(
-            settings.mqtt_host,
-            settings.mqtt_port,
-            identifier=client_id,
+        async with BusClient(
+            settings.mqtt_url,
+            client_id,
             username=ENROL_USERNAME,
             password=token.get_secret_value(),
-            tls_params=tls_parameters(settings.mqtt_url),
             timeout=settings.connect_timeout_s,
         ) as client:
             await client.subscribe(reply_to, qos=1)

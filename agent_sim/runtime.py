@@ -33,7 +33,7 @@ from agent_sim.wire import (
     status_payload,
 )
 from schemas import MessageError, decode
-from schemas.bus import tls_parameters
+from schemas.bus import BusClient
 from schemas.messages import RegisterReply
 from schemas.topics import RpcMethod, Topics
 
@@ -148,20 +148,18 @@ class MqttAgent:
             qos=1,
             retain=True,
         )
-        return aiomqtt.Client(
-            self.settings.mqtt_host,
-            self.settings.mqtt_port,
-            identifier=self.agent_id,
+        return BusClient(
+            self.settings.mqtt_url,
+            self.agent_id,
             # Its own account once enrolled; anonymous on an open broker.
             username=self.agent_id if self.state.mqtt_password else None,
             password=self.state.mqtt_password,
-            tls_params=tls_parameters(self.settings.mqtt_url),
             clean_session=False,
             keepalive=self.settings.keepalive_s,
             will=will,
             timeout=self.settings.connect_timeout_s,
-            max_inflight_messages=self.settings.max_inflight,
-            max_queued_outgoing_messages=self.settings.max_queued,
+            max_inflight=self.settings.max_inflight,
+            max_queued_outgoing=self.settings.max_queued,
             max_queued_incoming_messages=self.settings.max_queued,
         )
 
