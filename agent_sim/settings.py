@@ -17,7 +17,10 @@ class Settings(BaseSettings):
     """One agent or a fleet of simulated agents, over MQTT or the HTTP bridge."""
 
     model_config = SettingsConfigDict(
-        env_prefix="KBBUS_", extra="ignore", cli_kebab_case=True
+        env_prefix="KBBUS_",
+        extra="ignore",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
     )
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"

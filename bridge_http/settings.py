@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KBBUS_",
         cli_kebab_case=True,
+        # Boolean flags as bare switches: --open-enrolment, --no-sign-tasks.
+        cli_implicit_flags=True,
         cli_prog_name="bridge_http",
         extra="ignore",
     )

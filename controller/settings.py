@@ -18,6 +18,8 @@ class Settings(BaseSettings):
         env_prefix="KBBUS_",
         extra="ignore",
         cli_kebab_case=True,
+        # Boolean flags as bare switches: --open-enrolment, --no-sign-tasks.
+        cli_implicit_flags=True,
         cli_prog_name="python -m controller",
     )
 

@@ -165,7 +165,6 @@ class Stack:
             f"kbbus-controller-bench-{uuid.uuid4().hex[:6]}",
             # The bench measures the bus, not security: anonymous, open.
             "--open-enrolment",
-            "true",
             *extra,
         )
         return self.controller

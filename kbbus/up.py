@@ -220,7 +220,7 @@ async def run_up(opts: UpOptions) -> int:
     access: AccessConfig | None = None
     if opts.open_enrolment:
         controller_url = bridge_url = agents_url = mqtt_url
-        controller_security = ["--open-enrolment", "true"]
+        controller_security = ["--open-enrolment"]
         agent_env: dict[str, str] = {}
     else:
         stored = load_secrets(opts.data_dir)

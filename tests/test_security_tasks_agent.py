@@ -271,7 +271,7 @@ async def test_tasks_wait_for_registration_and_open_mode_needs_no_keys(
     agent.deliver(unsigned)
     assert (await agent.result(unsigned.task_id)).error == "refused: unsigned"
 
-    # Another host, whose controller runs with --sign-tasks false.
+    # Another host, whose controller runs with --no-sign-tasks.
     lab = Agent(tmp_path / "lab", None)
     lab.trust.registered([])
     assert lab.mode() is Mode.OPEN
