@@ -626,7 +626,9 @@ async def scenario_fleet(ctx: BenchContext) -> None:
         agents = s.start_agents(
             n, "--heartbeat-s", "10", "--keepalive-s", "30", "--ramp-per-s", "2000"
         )
-        online_sql = "select count(*) from agents where status = 'online'"
+        # Registration alone counts as online: wait for each connection's
+        # status (epoch > 0), so the window below measures the steady state.
+        online_sql = "select count(*) from agents where status = 'online' and epoch > 0"
         started = time.monotonic()
         await wait_for(
             lambda: count(eng, online_sql) >= n,
