@@ -10,7 +10,7 @@ One ``TrustStore`` per process (a fleet shares it), kept in
   already trusted and no older than the last one accepted: that is rotation
   without registering again;
 - a registration reply without keys, while nothing is trusted yet, means the
-  controller runs with signing off (``--sign-tasks false``): the store is then
+  controller runs with signing off (``--no-sign-tasks``): the store is then
   *open* and unsigned tasks run. Open is never written to disk, and a store
   that holds keys never becomes open again: such an agent refuses unsigned
   tasks until its state directory is wiped.

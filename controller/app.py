@@ -845,7 +845,7 @@ async def run(settings: Settings, *, metrics: Metrics | None = None) -> None:
         keyring = await asyncio.to_thread(Keyring.load, settings.signing_key_dir)
     else:
         log.warning(
-            "task signing is OFF (--sign-tasks false): agents without keys run "
+            "task signing is OFF (--no-sign-tasks): agents without keys run "
             "whatever is published on their task topic"
         )
     engine = Engine(catalog, Topics(settings.topic_root))
