@@ -180,7 +180,11 @@ def _listen(host: str, port: int) -> socket.socket:
     """Bind the HTTP socket up front: a port in use is a clear error here,
     where uvicorn would log it and exit the whole process."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Name the protocol: asyncio turns Nagle off (TCP_NODELAY) only on sockets
+    # whose proto is IPPROTO_TCP, and accepted sockets inherit proto 0 from a
+    # plain socket(). With Nagle on, every keep-alive response waited ~40 ms
+    # for the client's delayed ACK between uvicorn's header and body writes.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
