@@ -180,14 +180,23 @@ class AgentState:
         agent never overlap, and a write that started before this call is
         followed by one that includes everything changed until now.
         """
-        while self._writing is not None:
-            await asyncio.shield(self._writing)
+        while (earlier := self._writing) is not None:
+            # A finished write whose owner has not resumed yet is still
+            # here: awaiting a done future does not yield, so clear it
+            # rather than spin. ``wait`` neither raises the earlier write's
+            # error (its owner gets that) nor cancels it if we are cancelled.
+            if not earlier.done():
+                await asyncio.wait([earlier])
+            if self._writing is earlier:
+                self._writing = None
         loop = asyncio.get_running_loop()
-        self._writing = loop.run_in_executor(None, self._write, self._snapshot())
+        writing = loop.run_in_executor(None, self._write, self._snapshot())
+        self._writing = writing
         try:
-            await asyncio.shield(self._writing)
+            await asyncio.shield(writing)
         finally:
-            self._writing = None
+            if self._writing is writing:
+                self._writing = None
 
 
 def state_path(state_dir: Path, index: int) -> Path:

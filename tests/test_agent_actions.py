@@ -144,6 +144,42 @@ async def test_persist_writes_off_the_loop_and_keeps_the_latest(tmp_path: Path) 
     assert len(loaded.finished) == 10
 
 
+@pytest.mark.timeout(20)
+async def test_persist_right_after_a_write_finished_does_not_spin(
+    tmp_path: Path,
+) -> None:
+    # Found by the soak: a task persisting between the moment an earlier
+    # write finished and the moment its owner resumed awaited the done
+    # future again and again without yielding, at 100% CPU, forever.
+    state = AgentState(tmp_path / "agent-0.json", "agent-a")
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    state._writing = done  # an earlier write, finished, owner not yet back
+    state.finish("t1", "{}")
+    await asyncio.wait_for(state.persist(), timeout=5)
+    loaded = AgentState.load(tmp_path / "agent-0.json")
+    assert loaded is not None
+    assert list(loaded.finished) == ["t1"]
+
+
+async def test_persist_under_many_interleaved_callers_keeps_everything(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent-0.json"
+    state = AgentState(path, "agent-a", max_finished=1000)
+
+    async def one(n: int) -> None:
+        for _ in range(n % 3):
+            await asyncio.sleep(0)
+        state.finish(f"t{n}", "{}")
+        await state.persist()
+
+    await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(200))), 30)
+    loaded = AgentState.load(path, max_finished=1000)
+    assert loaded is not None
+    assert len(loaded.finished) == 200
+
+
 def test_a_broken_state_file_is_an_error_not_a_new_identity(tmp_path: Path) -> None:
     path = tmp_path / "agent-0.json"
     path.write_text('{"agent_id": ')
