@@ -27,7 +27,7 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -60,8 +60,26 @@ class _Key:
     public: SigningKey
 
 
-def _new_key_id() -> str:
-    now = datetime.now(UTC)
+_STAMP = "%Y%m%dT%H%M%S%f"
+
+
+def _new_key_id(key_dir: Path) -> str:
+    """A key id that sorts after every key already in ``key_dir``.
+
+    Ids carry their creation time to the millisecond; two keys made within
+    one millisecond (a rotation right after start-up) would otherwise tie
+    and be ordered by their random suffix, so the newer stamp is bumped
+    past the newest existing one. Callers hold the directory lock.
+    """
+    now = datetime.now(UTC).replace(tzinfo=None)
+    newest = key_files(key_dir)
+    if newest:
+        try:
+            last = datetime.strptime(newest[0].name[1:19] + "000", _STAMP)
+        except ValueError:
+            last = None
+        if last is not None and now <= last + timedelta(microseconds=999):
+            now = last + timedelta(milliseconds=1)
     return f"k{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
@@ -94,7 +112,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _create_key(key_dir: Path) -> str:
-    key_id = _new_key_id()
+    key_id = _new_key_id(key_dir)
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

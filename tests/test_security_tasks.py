@@ -13,7 +13,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from controller.signing import Keyring, SigningError, retire, rotate
+from controller.signing import MAX_KEYS, Keyring, SigningError, retire, rotate
 from schemas import decode, encode
 from schemas.messages import (
     ControllerKeys,
@@ -109,6 +109,22 @@ def test_signature_covers_every_field(tmp_path: Path) -> None:
     ):
         tampered = received.model_copy(update=change)
         assert not verifies(keyring.signing_keys(), tampered), change
+
+
+def test_keys_rotated_within_one_millisecond_still_sort_newest_first(
+    tmp_path: Path,
+) -> None:
+    # Key ids carry a millisecond stamp; rotations in a tight loop share one,
+    # and a tie ordered by the random suffix made an older key sign (a flaky
+    # rotation test). Each new key must become the active one.
+    made = [Keyring.load(tmp_path).active_key_id]
+    for _ in range(30):
+        made.append(rotate(tmp_path))
+        keyring = Keyring.load(tmp_path)
+        assert keyring.active_key_id == made[-1]
+        assert keyring.key_ids == list(reversed(made))[:MAX_KEYS]
+        if len(made) == MAX_KEYS:  # only that many are listed: retire one
+            retire(tmp_path, made.pop(0))
 
 
 def test_rotation_keeps_old_keys_listed_and_nonces_stable(tmp_path: Path) -> None:
