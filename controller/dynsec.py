@@ -69,9 +69,15 @@ def role_acls(role: Role, root: str, client_id: str) -> list[dict[str, Any]]:
     return acls
 
 
-def agent_commands(root: str, agent_id: str, password: str) -> Publish:
-    """Create (or update) the agent's account; ``create*`` of an existing one
-    fails harmlessly and ``setClientPassword`` follows a rotated secret."""
+def agent_commands(
+    root: str, agent_id: str, password: str, *, set_password: bool = True
+) -> Publish:
+    """Create the agent's account; ``create*`` of an existing one fails
+    harmlessly. ``set_password`` also resets its password, which makes
+    Mosquitto disconnect every client logged in as the agent ("disconnected
+    by administrative action"): only for a new agent, never for one that
+    just proved it holds that very password, or it is kicked off on every
+    registration and never hears the reply."""
     role = agent_role_name(agent_id)
     commands = [
         {
@@ -86,8 +92,11 @@ def agent_commands(root: str, agent_id: str, password: str) -> Publish:
             "clientid": agent_id,
             "roles": [{"rolename": role}],
         },
-        {"command": "setClientPassword", "username": agent_id, "password": password},
     ]
+    if set_password:
+        commands.append(
+            {"command": "setClientPassword", "username": agent_id, "password": password}
+        )
     payload = json.dumps({"commands": commands}).encode()
     return Publish(CONTROL_TOPIC, payload, qos=1)
 

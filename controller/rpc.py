@@ -224,9 +224,13 @@ class Rpc:
             agent = agent.model_copy(update={"credentials": credentials})
             if self.mosquitto_dynsec:
                 # Before the reply: the account exists when the agent uses it.
+                # A known agent was admitted by proving this password already.
                 account.append(
                     agent_commands(
-                        self.topics.root, agent.agent_id, credentials[MQTT_PASSWORD]
+                        self.topics.root,
+                        agent.agent_id,
+                        credentials[MQTT_PASSWORD],
+                        set_password=not known,
                     )
                 )
         # After every registration, the agent's current state, retained: the

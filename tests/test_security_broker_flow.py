@@ -244,6 +244,9 @@ async def test_simulated_agent_enrols_stores_its_credentials_and_runs_a_workflow
             expected = secure.agent_url(agent.agent_id)
             assert secure.url(agent.agent_id, stored) == expected
             status = await run_workflow(ops, agent.agent_id, running)
+            # Its own registration must not get it kicked off the broker (a
+            # dynamic-security password reset did that on every registration).
+            assert agent.counters.reconnects == 0
         finally:
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
