@@ -150,6 +150,18 @@ CHANNELS: list[tuple[str, str, str, int, bool, list[str], str]] = [
         "Replies, on the topic a request named in reply_to, with its request_id.",
     ),
     (
+        "enrolReplies",
+        "replies/enrol/{client_id}",
+        "controller",
+        1,
+        False,
+        ["register-reply"],
+        "The registration reply to a new agent on the enrolment account "
+        "(client id kbbus-enrol-<random>): its own credentials and the "
+        "controller's signing keys. Enrolling clients may not subscribe there "
+        "with a wildcard.",
+    ),
+    (
         "controllerKeys",
         "controller/keys",
         "controller",
