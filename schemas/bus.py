@@ -9,18 +9,28 @@ need, kept here so that none of them gets them wrong:
 - A bounded in-flight window and outgoing queue (paho queues without bound).
 - Manual acknowledgement of QoS 1 messages, for processes that must commit a
   message's effect before the broker may forget it.
+- Waits that never swallow a cancellation. aiomqtt waits for PUBACK, SUBACK
+  and the like with ``asyncio.wait_for``, which on Python 3.11 returns the
+  result and drops a ``cancel()`` that arrives in the same loop pass as the
+  acknowledgement: an agent stopped at that moment went on heartbeating, and
+  shutdown hung for ever waiting for it. ``asyncio.timeout`` has no such race.
 - Accounts and TLS from the URL: ``mqtt://user:password@host:port``, and
   ``mqtts://`` for a TLS connection verified against ``ca_file`` (or the file
   named by ``KBBUS_MQTT_CA_FILE``).
 """
 
+import asyncio
+import math
 import os
 import socket
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+
+T = TypeVar("T")
 
 DEFAULT_MAX_INFLIGHT = 1000
 DEFAULT_MAX_QUEUED_OUTGOING = 100_000
@@ -108,6 +118,17 @@ class BusClient(aiomqtt.Client):
         """Acknowledge a QoS 1 message once its effect is committed."""
         if self._manual_ack and message.qos > 0:
             self._client.ack(message.mid, message.qos)
+
+    async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109
+        # aiomqtt's own, with asyncio.timeout instead of asyncio.wait_for (see
+        # the module's docstring): a cancellation always reaches the caller.
+        if timeout is None:
+            timeout = self.timeout
+        try:
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                return await fut
+        except TimeoutError:
+            raise aiomqtt.MqttError("Operation timed out") from None
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         raw = sock if isinstance(sock, socket.socket) else getattr(sock, "_sock", None)
