@@ -1,5 +1,6 @@
 """Flags of ``python -m agent_sim`` (and ``kbbus agents``); env prefix ``KBBUS_``."""
 
+import os
 import socket
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,8 @@ class Settings(BaseSettings):
         extra="ignore",
         cli_kebab_case=True,
         cli_implicit_flags=True,
+        # "kbbus agents" when run through the kbbus command.
+        cli_prog_name=os.environ.get("KBBUS_CLI_PROG", "python -m agent_sim"),
     )
 
     mqtt_url: str = "mqtt://127.0.0.1:1883"

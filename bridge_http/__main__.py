@@ -29,7 +29,7 @@ def main() -> None:
     try:
         asyncio.run(_main(settings))
     except CannotServe as exc:
-        print(f"bridge_http: {exc}", file=sys.stderr)
+        print(f"{Settings.model_config['cli_prog_name']}: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

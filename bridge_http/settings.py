@@ -1,5 +1,6 @@
 """Bridge settings: flags, or environment variables prefixed ``KBBUS_``."""
 
+import os
 from typing import Literal
 
 from pydantic import Field, SecretStr
@@ -16,7 +17,8 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         # Boolean flags as bare switches: --open-enrolment, --no-sign-tasks.
         cli_implicit_flags=True,
-        cli_prog_name="bridge_http",
+        # "kbbus bridge" when run through the kbbus command.
+        cli_prog_name=os.environ.get("KBBUS_CLI_PROG", "python -m bridge_http"),
         extra="ignore",
     )
 

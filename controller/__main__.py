@@ -31,7 +31,10 @@ def main() -> None:
     except ValidationError as exc:
         # A missing or contradictory flag: one line per problem, no traceback.
         for error in exc.errors():
-            print(f"python -m controller: {error['msg']}", file=sys.stderr)
+            print(
+                f"{Settings.model_config['cli_prog_name']}: {error['msg']}",
+                file=sys.stderr,
+            )
         raise SystemExit(2) from None
     setup_logging(settings.log_format, settings.log_level)
     try:

@@ -1,5 +1,6 @@
 """Flags of ``python -m controller`` and ``kbbus controller``; env prefix ``KBBUS_``."""
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -20,7 +21,8 @@ class Settings(BaseSettings):
         cli_kebab_case=True,
         # Boolean flags as bare switches: --open-enrolment, --no-sign-tasks.
         cli_implicit_flags=True,
-        cli_prog_name="python -m controller",
+        # "kbbus controller" when run through the kbbus command.
+        cli_prog_name=os.environ.get("KBBUS_CLI_PROG", "python -m controller"),
     )
 
     mqtt_url: str = Field(

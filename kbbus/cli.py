@@ -51,6 +51,8 @@ HttpUrl = Annotated[
     ),
 ]
 DEFAULT_HTTP_URL = "http://127.0.0.1:8080"
+#: Names the command in the --help of a process run through ``kbbus``.
+PROG_ENV = "KBBUS_CLI_PROG"
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -58,27 +60,29 @@ def _exit(code: int) -> None:
     raise typer.Exit(code)
 
 
-def _exec_module(module: str, args: list[str]) -> None:
-    """Replace this process by ``python -m module args`` (same flags, same env)."""
-    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+def _exec_module(module: str, command: str, args: list[str]) -> None:
+    """Replace this process by ``python -m module args`` (same flags, same env);
+    its ``--help`` and errors then name it ``kbbus <command>``."""
+    env = {**os.environ, PROG_ENV: f"kbbus {command}"}
+    os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
 
 
 @app.command(context_settings=PASS_THROUGH, add_help_option=False)
 def controller(ctx: typer.Context) -> None:
     """Run the controller alone (flags: see `kbbus controller --help`)."""
-    _exec_module("controller", ctx.args)
+    _exec_module("controller", "controller", ctx.args)
 
 
 @app.command(context_settings=PASS_THROUGH, add_help_option=False)
 def bridge(ctx: typer.Context) -> None:
     """Run the HTTP bridge alone (flags: see `kbbus bridge --help`)."""
-    _exec_module("bridge_http", ctx.args)
+    _exec_module("bridge_http", "bridge", ctx.args)
 
 
 @app.command(context_settings=PASS_THROUGH, add_help_option=False)
 def agents(ctx: typer.Context) -> None:
     """Run simulated agents (flags: see `kbbus agents --help`)."""
-    _exec_module("agent_sim", ctx.args)
+    _exec_module("agent_sim", "agents", ctx.args)
 
 
 @app.command()

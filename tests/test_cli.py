@@ -62,6 +62,19 @@ def test_trigger_refuses_a_malformed_param(tmp_path: Path) -> None:
     assert "k=v" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["controller", "bridge", "agents"])
+def test_process_commands_name_themselves_in_help_and_errors(
+    tmp_path: Path, command: str
+) -> None:
+    shown = run_kbbus(command, "--help", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: kbbus {command} ")
+    assert "--mqtt-url" in shown.stdout
+    refused = run_kbbus(command, "--mqtt-url", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"kbbus {command}" in refused.stderr
+
+
 @pytest.mark.slow
 def test_up_runs_the_whole_system_and_stops_on_sigterm(tmp_path: Path) -> None:
     mqtt_port, http_port = free_port(), free_port()
