@@ -312,14 +312,20 @@ async def test_simulated_fleet_enrols_every_agent(
         summary_interval_s=0,
     )
     async with running_controller(settings), service_bus(secure) as ops:
-        running = asyncio.create_task(Fleet(fleet_settings).run())
+        fleet = Fleet(fleet_settings)
+        running = asyncio.create_task(fleet.run())
 
         async def all_online() -> bool:
             if running.done():
                 running.result()
             lookup = ops.new_request(LookupRequest, kind=LookupKind.AGENTS)
             got = await ops.request(RpcMethod.LOOKUP, lookup, LookupReply)
-            return sum(a.status == "online" for a in got.agents or []) == 3
+            # Registration alone shows an agent online (epoch 0); its own
+            # connection's status, after enrolment, carries its epoch.
+            return (
+                sum(a.status == "online" and a.epoch > 0 for a in got.agents or []) == 3
+                and fleet.all_online.is_set()
+            )
 
         try:
             await async_wait_until(all_online, timeout_s=30, what="3 agents online")
