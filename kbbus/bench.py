@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +53,11 @@ from schemas.messages import (
 )
 from schemas.topics import RpcMethod, Topics
 
+BENCH_KB_STEPS = 10
+#: Workflows each agent gets before the rate is known, and how long it is
+#: measured then (the workflow scenario).
+WARMUP_WORKFLOWS = 2
+WARMUP_S = 1.0
 BENCH_KB = """\
 v: 1
 id: bench-echo-kb
@@ -149,7 +155,7 @@ class Stack:
         steps = "\n".join(
             f"  - id: s{i}\n    action: echo\n    args: {{message: step {i}}}\n"
             "    timeout_s: 60"
-            for i in range(10)
+            for i in range(BENCH_KB_STEPS)
         )
         (kb_dir / "bench-echo-kb.yaml").write_text(BENCH_KB.format(steps=steps))
         self.controller = self.spawn(
@@ -357,8 +363,7 @@ async def scenario_workflow(ctx: BenchContext) -> None:
         )
         with eng.connect() as conn:
             agent_ids = [r[0] for r in conn.execute(sa.text("select id from agents"))]
-        # Enough work to keep every agent busy past the window at the raw rate.
-        per_agent = int(raw * sizes.workflow_duration_s * 1.5 / 10 / n_agents) + 2
+        done_sql = "select count(*) from step_executions where status = 'succeeded'"
         async with rpc_client(s.mqtt_url, s.topics) as rpc:
 
             async def trigger(agent_id: str) -> None:
@@ -372,11 +377,22 @@ async def scenario_workflow(ctx: BenchContext) -> None:
                 if reply.error:
                     raise RuntimeError(f"trigger: {reply.error.message}")
 
-            await bounded(
-                [trigger(a) for _ in range(per_agent) for a in agent_ids], 100
-            )
-        done_sql = "select count(*) from step_executions where status = 'succeeded'"
-        await wait_for(lambda: count(eng, done_sql) > n_agents, 60, "first steps")
+            async def trigger_each(per_agent: int) -> None:
+                await bounded(
+                    [trigger(a) for _ in range(per_agent) for a in agent_ids], 100
+                )
+
+            # A warm-up of two workflows an agent tells how fast steps go here;
+            # then enough work to keep every agent busy well past the window
+            # at that rate. (Sizing it from the raw rate queued ten times the
+            # work needed, and triggering it took longer than the window.)
+            await trigger_each(WARMUP_WORKFLOWS)
+            await wait_for(lambda: count(eng, done_sql) > n_agents, 60, "first steps")
+            w0, started = count(eng, done_sql), time.monotonic()
+            await asyncio.sleep(WARMUP_S)
+            warm_rate = (count(eng, done_sql) - w0) / (time.monotonic() - started)
+            steps_needed = warm_rate * (sizes.workflow_duration_s + WARMUP_S) * 2
+            await trigger_each(int(steps_needed / BENCH_KB_STEPS / n_agents) + 1)
         c0, t0 = count(eng, done_sql), time.monotonic()
         await asyncio.sleep(sizes.workflow_duration_s)
         c1, t1 = count(eng, done_sql), time.monotonic()
@@ -503,6 +519,25 @@ def _paho_agent(mqtt_url: str, topics: Topics, agent_id: str, keepalive_s: int) 
     return client
 
 
+def _stop_network_threads(clients: dict[str, Any]) -> dict[str, float]:
+    """Stops every client's paho thread at once (each takes up to 1 s to see
+    it must stop; one after the other, the last agent's fault came seconds
+    after the first's, and so did the start of the measurement); returns
+    when each had stopped."""
+    stopped: dict[str, float] = {}
+
+    def stop(agent_id: str, client: Any) -> None:
+        client.loop_stop()
+        stopped[agent_id] = time.monotonic()
+
+    threads = [threading.Thread(target=stop, args=item) for item in clients.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return stopped
+
+
 async def _offline_times(
     http_url: str, ids: list[str], faulted_at: dict[str, float], timeout_s: float
 ) -> list[float]:
@@ -550,12 +585,14 @@ async def scenario_presence(ctx: BenchContext) -> None:
                 30,
                 f"{kind} agents online",
             )
-            faulted_at: dict[str, float] = {}
-            for aid, client in clients.items():
-                client.loop_stop()
-                faulted_at[aid] = time.monotonic()
-                if kind == "abrupt":
-                    # Close the socket without DISCONNECT, as a crash would.
+            # A frozen agent's fault is the moment its network thread is gone
+            # (it sends nothing after that).
+            faulted_at = await asyncio.to_thread(_stop_network_threads, clients)
+            if kind == "abrupt":
+                # Then close each socket without DISCONNECT, as a crash would:
+                # well within 1.5 x keepalive of the threads' last packet.
+                for aid, client in clients.items():
+                    faulted_at[aid] = time.monotonic()
                     client.socket().close()
             times = await _offline_times(s.http_url, ids, faulted_at, 30)
             ctx.results[f"offline_{kind}_p99_s"] = round(percentile(times, 99), 3)
