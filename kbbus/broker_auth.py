@@ -171,6 +171,31 @@ class SecureBroker(Broker):  # type: ignore[misc]
     """amqtt's broker with topic checks that cannot race, and on retained
     messages sent at connect."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Client ids between the delivery of their session's queued messages
+        #: and the start of their message loop (see below).
+        self._connecting: set[str] = set()
+
+    # At connect, after a session's queued messages, amqtt 0.12 loops over the
+    # subscriptions of *every* client and sends the newcomer the retained
+    # messages of each: other agents' tasks and statuses included (MQTT sends
+    # retained messages on SUBSCRIBE only). Worse, it awaits inside that loop,
+    # so a SUBSCRIBE or a disconnect elsewhere changes the dict under it
+    # ("dictionary changed size during iteration"): the newcomer's session
+    # then never starts its message loop, and nothing it publishes is routed.
+    # 50 agents crashing at once left the next ones connected but unheard.
+    # Every kbbus client subscribes on each connection, so the loop is skipped:
+    # between these two hooks nothing suspends, so the mark cannot leak.
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        await super()._publish_session_retained_messages(session)
+        self._connecting.add(session.client_id)
+
+    async def _client_message_loop(self, client_session: Session, handler: Any) -> None:
+        self._connecting.discard(client_session.client_id)
+        await super()._client_message_loop(client_session, handler)
+
     async def _topic_filtering(
         self, session: Session, topic: str, action: Action
     ) -> bool:
@@ -190,6 +215,8 @@ class SecureBroker(Broker):  # type: ignore[misc]
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
+        if session.client_id in self._connecting:
+            return  # amqtt's loop at connect (above): no yield, nothing sent
         plugin = access_plugin(self.plugins_manager.plugins)
         if plugin is None:
             await super()._publish_retained_messages_for_subscription(
