@@ -51,7 +51,7 @@ from controller.presence import (
     touch,
     transition_effects,
 )
-from controller.registry import count_by_status
+from controller.registry import count_active, count_by_status
 from controller.results import ResultsOutcome
 from controller.rpc import Call, Rejected, Rpc, RpcError, refusal, reply_publish
 from controller.settings import Settings
@@ -137,8 +137,14 @@ class Publisher:
     PUBACKs are awaited concurrently.
     """
 
-    def __init__(self, client: aiomqtt.Client, max_inflight: int) -> None:
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        max_inflight: int,
+        sent: Callable[[str], None] = lambda topic: None,
+    ) -> None:
         self._client = client
+        self._sent = sent
         self._slots = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
         self.lost = 0
@@ -155,6 +161,7 @@ class Publisher:
             await self._client.publish(
                 effect.topic, effect.payload, qos=effect.qos, retain=effect.retain
             )
+            self._sent(effect.topic)
         except aiomqtt.MqttError as exc:
             # The connection is gone; what mattered is committed, and the next
             # connection republishes tasks (reconcile). Events may be lost.
@@ -269,7 +276,11 @@ class Controller:
 
     async def _session(self, client: BusClient) -> None:
         self._client = client
-        self._pub = Publisher(client, self.settings.max_inflight_publishes)
+        self._pub = Publisher(
+            client,
+            self.settings.max_inflight_publishes,
+            lambda topic: self.metrics.published.labels(self.topics.kind(topic)).inc(),
+        )
         self._heartbeats = HeartbeatBuffer(self.settings.heartbeat_flush_size)
         for topic_filter in self._filters:
             await client.subscribe(topic_filter, qos=1)
@@ -306,6 +317,7 @@ class Controller:
                     log.error("%s failed (logged once)", job.__name__, exc_info=exc)
 
     async def _publish(self, effects: Sequence[Publish]) -> None:
+        self.metrics.committed(effects)
         if effects and self._pub is not None:
             if self._sealer is not None:
                 effects = self._sealer.seal(effects)
@@ -439,7 +451,9 @@ class Controller:
                 return
             started = time.perf_counter()
             touched, effects = await self.store.run(lambda s: self._touch(s, seen))
-            self.metrics.heartbeat_flush_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.heartbeat_flush_seconds.observe(elapsed)
+            self.metrics.batch(HEARTBEAT, len(seen), elapsed)
             self.metrics.heartbeats.inc(touched.updated)
             for agent_id in touched.unknown:
                 self._reject(
@@ -500,7 +514,7 @@ class Controller:
             applied = [t for _, t in outcomes if t is not None]
             return outcomes, self._transition_effects(session, applied, now)
 
-        for batch, result in await self._in_batches(items, work):
+        for batch, result in await self._in_batches(STATUS, items, work):
             if isinstance(result, BaseException):
                 for _, status in batch:
                     self._failed(STATUS, status.agent_id, result)
@@ -544,7 +558,7 @@ class Controller:
         )
 
     async def _in_batches(
-        self, items: list[T], work: Callable[[Session, list[T]], Any]
+        self, channel: str, items: list[T], work: Callable[[Session, list[T]], Any]
     ) -> list[tuple[list[T], Any]]:
         """``work`` on all items in one transaction; if that fails, on each alone.
 
@@ -553,7 +567,10 @@ class Controller:
         if not items:
             return []
         try:
-            return [(items, await self.store.run(lambda s: work(s, items)))]
+            started = time.perf_counter()
+            result = await self.store.run(lambda s: work(s, items))
+            self.metrics.batch(channel, len(items), time.perf_counter() - started)
+            return [(items, result)]
         except Exception as exc:
             if len(items) == 1:
                 return [(items, exc)]
@@ -610,7 +627,7 @@ class Controller:
             # One transaction for the whole group: refused results come back
             # one by one in the outcome; only an unexpected error replays the
             # group one result per transaction.
-            outcomes = await self._in_batches(items, work)
+            outcomes = await self._in_batches(RESULTS, items, work)
             if previous is not None:
                 # Publishes and acks in arrival order, whatever committed first.
                 await asyncio.wait([previous])
@@ -782,12 +799,15 @@ class Controller:
         await self._flush()
         started = time.perf_counter()
 
-        def work(session: Session) -> tuple[list[Transition], dict[str, int]]:
+        def work(
+            session: Session,
+        ) -> tuple[list[Transition], dict[str, int], dict[str, int]]:
             transitions = sweep(session, utcnow(), offline_after_s)
-            return transitions, count_by_status(session)
+            return transitions, count_by_status(session), count_active(session)
 
-        transitions, counts = await self.store.run(work)
+        transitions, counts, workflows = await self.store.run(work)
         self.metrics.set_agent_counts(counts)
+        self.metrics.set_workflow_counts(workflows)
         self._log_transitions(transitions)
         effects: list[Publish] = []
         for transition in transitions:

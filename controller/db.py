@@ -70,6 +70,10 @@ class Agent(Base):
     __table_args__ = (Index("ix_agents_status_last_seen", "status", "last_seen_at"),)
 
 
+#: Workflow states that are not final.
+ACTIVE_WORKFLOW_STATES = ("queued", "running")
+
+
 class Workflow(Base):
     __tablename__ = "workflows"
 

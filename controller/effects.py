@@ -11,3 +11,8 @@ class Publish:
     payload: bytes
     qos: int = 1
     retain: bool = False
+    #: On a step.finished event: the step's final status and its seconds from
+    #: dispatch; on workflow.finished: the workflow's final status. Counted in
+    #: the metrics once the transition is committed, never before.
+    step_finished: tuple[str, float] | None = None
+    workflow_finished: str | None = None

@@ -256,7 +256,7 @@ class Engine:
             se.status = "canceled"
             se.finished_at = now
             se.error = reason
-            fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
+            fx.step_finished(wf, se)
         self._finish(session, fx, wf, "canceled", reason, release_agent=was_running)
         session.flush()
         return self.workflow_view(session, workflow_id), fx.all()
@@ -471,7 +471,7 @@ class Engine:
                 step.id,
                 error,
             )
-            fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
+            fx.step_finished(wf, se)
             return [se, *self._step_exhausted(session, fx, wf, kb, se)]
         self._dispatch(fx, wf, se)
         return [se]
@@ -519,7 +519,7 @@ class Engine:
     ) -> None:
         """An attempt ended (succeeded, failed or timed out): move on."""
         wf.updated_at = fx.now
-        fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
+        fx.step_finished(wf, se)
         kb = _definition(wf)
         if se.status == "succeeded":
             self._advance(session, fx, wf, kb, se.step_index)
@@ -595,7 +595,7 @@ class Engine:
         wf.error = error
         wf.finished_at = fx.now
         wf.updated_at = fx.now
-        fx.event(wf, EventKind.WORKFLOW_FINISHED, status=status, error=error)
+        fx.workflow_finished(wf, status, error)
         level = logging.INFO if status in ("succeeded", "canceled") else logging.WARNING
         log.log(
             level,

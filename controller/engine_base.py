@@ -10,8 +10,8 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -120,8 +120,37 @@ class Effects:
         topic = self.topics.workflow_event(wf.id, kind.value)
         self.events.append(Publish(topic, encode(message), 1, False))
 
+    def step_finished(self, wf: WorkflowLike, se: AttemptLike) -> None:
+        """The step.finished event, with the step's seconds since dispatch."""
+        data = step_data(se)
+        seconds = seconds_between(se.dispatched_at, self.now)
+        if seconds is not None:
+            data["duration_s"] = round(seconds, 6)
+        self.event(wf, EventKind.STEP_FINISHED, **data)
+        if seconds is not None:
+            self.events[-1] = replace(
+                self.events[-1], step_finished=(se.status, seconds)
+            )
+
+    def workflow_finished(
+        self, wf: WorkflowLike, status: str, error: str | None
+    ) -> None:
+        self.event(wf, EventKind.WORKFLOW_FINISHED, status=status, error=error)
+        self.events[-1] = replace(self.events[-1], workflow_finished=status)
+
     def all(self) -> list[Publish]:
         return self.tasks + self.events
+
+
+def seconds_between(start: datetime | None, end: datetime) -> float | None:
+    """``end - start`` in seconds (naive times taken as UTC), None without a start."""
+    if start is None:
+        return None
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=UTC)
+    return max(0.0, (end - start).total_seconds())
 
 
 def task_publish(topics: Topics, kb_id: str, se: AttemptLike) -> Publish:

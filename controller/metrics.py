@@ -5,7 +5,7 @@ one process (the tests) count separately.
 """
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -15,6 +15,9 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+
+from controller.db import ACTIVE_WORKFLOW_STATES
+from controller.effects import Publish
 
 AGENT_STATES = ("online", "offline")
 
@@ -77,6 +80,61 @@ class Metrics:
             ["method"],
             registry=r,
         )
+        self.workflows = Gauge(
+            "kbbus_workflows",
+            "Workflows not finished yet, by status (refreshed each sweep).",
+            ["status"],
+            registry=r,
+        )
+        self.workflows_finished = Counter(
+            "kbbus_workflows_finished",
+            "Workflows finished, by final status.",
+            ["status"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "kbbus_step_duration_seconds",
+            "From a step's dispatch to its end (result, timeout or cancel), "
+            "by final status.",
+            ["status"],
+            buckets=(
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                300,
+            ),
+            registry=r,
+        )
+        self.published = Counter(
+            "kbbus_messages_published",
+            "Messages the broker acknowledged, by kind (tasks, status, events, ...).",
+            ["kind"],
+            registry=r,
+        )
+        self.db_batch_size = Histogram(
+            "kbbus_db_batch_size",
+            "Messages applied in one database transaction, by channel.",
+            ["channel"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=r,
+        )
+        self.db_seconds = Histogram(
+            "kbbus_db_transaction_seconds",
+            "Time of one batched database transaction, by channel.",
+            ["channel"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "kbbus_controller_mqtt_connected",
             "1 while the controller is connected to the broker.",
@@ -84,10 +142,29 @@ class Metrics:
         )
         for state in AGENT_STATES:
             self.agents.labels(state).set(0)
+        for state in ACTIVE_WORKFLOW_STATES:
+            self.workflows.labels(state).set(0)
 
     def set_agent_counts(self, counts: dict[str, int]) -> None:
         for state in AGENT_STATES:
             self.agents.labels(state).set(counts.get(state, 0))
+
+    def set_workflow_counts(self, counts: dict[str, int]) -> None:
+        for state in ACTIVE_WORKFLOW_STATES:
+            self.workflows.labels(state).set(counts.get(state, 0))
+
+    def committed(self, effects: Iterable[Publish]) -> None:
+        """Count what a committed transition finished."""
+        for effect in effects:
+            if effect.step_finished is not None:
+                status, seconds = effect.step_finished
+                self.step_seconds.labels(status).observe(seconds)
+            if effect.workflow_finished is not None:
+                self.workflows_finished.labels(effect.workflow_finished).inc()
+
+    def batch(self, channel: str, size: int, seconds: float) -> None:
+        self.db_batch_size.labels(channel).observe(size)
+        self.db_seconds.labels(channel).observe(seconds)
 
     def reject(self, reason: str, channel: str) -> None:
         self.rejected.labels(reason, channel).inc()

@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db import Agent
+from controller.db import ACTIVE_WORKFLOW_STATES, Agent, Workflow
 from schemas.messages import RegisterRequest
 from schemas.views import AgentView
 
@@ -113,4 +113,14 @@ def list_agents(session: Session, status: str | None, limit: int) -> list[AgentV
 
 def count_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Agent.status, func.count()).group_by(Agent.status))
+    return {status: count for status, count in rows}
+
+
+def count_active(session: Session) -> dict[str, int]:
+    """Workflows queued or running, by status (the status index answers it)."""
+    rows = session.execute(
+        select(Workflow.status, func.count())
+        .where(Workflow.status.in_(ACTIVE_WORKFLOW_STATES))
+        .group_by(Workflow.status)
+    )
     return {status: count for status, count in rows}

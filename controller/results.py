@@ -86,6 +86,7 @@ _ATTEMPT_COLUMNS = (
     _se.c.args,
     _se.c.status,
     _se.c.timeout_s,
+    _se.c.dispatched_at,
 )
 _INSERTED = tuple(c.name for c in _se.c)
 
@@ -308,6 +309,7 @@ class _Batch:
                 args=row.args or {},
                 status=result.status.value,
                 timeout_s=row.timeout_s,
+                dispatched_at=row.dispatched_at,
                 finished_at=self.now,
                 exit_code=result.exit_code,
                 output=result.output,
@@ -325,7 +327,7 @@ class _Batch:
     def _step_finished(self, wf: _Workflow, se: _Attempt) -> None:
         """An attempt ended (succeeded, failed or timed out): move on."""
         wf.updated_at = self.now
-        self.fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
+        self.fx.step_finished(wf, se)
         if se.status == "succeeded":
             self._advance(wf, se.step_index)
             return
@@ -409,7 +411,7 @@ class _Batch:
             step.id,
             error,
         )
-        self.fx.event(wf, EventKind.STEP_FINISHED, **step_data(se))
+        self.fx.step_finished(wf, se)
         self._step_exhausted(wf, se)
 
     def _args(self, wf: _Workflow, index: int) -> dict[str, Any]:
@@ -484,7 +486,7 @@ class _Batch:
         wf.error = error
         wf.finished_at = self.now
         wf.updated_at = self.now
-        self.fx.event(wf, EventKind.WORKFLOW_FINISHED, status=status, error=error)
+        self.fx.workflow_finished(wf, status, error)
         level = logging.INFO if status == "succeeded" else logging.WARNING
         log.log(
             level,

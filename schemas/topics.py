@@ -114,6 +114,18 @@ class Topics:
     def is_reply(self, topic: str) -> bool:
         return topic.startswith(f"{self.root}/replies/")
 
+    def kind(self, topic: str) -> str:
+        """A topic's kind, for metrics labels: an agent topic's channel
+        (``tasks``, ``status``, ...), else its first level under the root
+        (``events``, ``replies``, ``controller``); ``other`` outside the root."""
+        prefix = f"{self.root}/"
+        if not topic.startswith(prefix):
+            return "other"
+        first, _, rest = topic[len(prefix) :].partition("/")
+        if first == "agents":
+            return rest.rpartition("/")[2] or "other"
+        return first
+
     # --- controller
     def controller_keys(self) -> str:
         return f"{self.root}/controller/keys"

@@ -155,7 +155,7 @@ async def test_each_shipped_kb_runs_to_success_over_mqtt(
 ) -> None:
     settings = controller_settings(broker, db_url)
     async with (
-        running_controller(settings),
+        running_controller(settings) as rig,
         bus(broker) as b,
         agents(broker, tmp_path / "agents", count=1),
     ):
@@ -166,6 +166,29 @@ async def test_each_shipped_kb_runs_to_success_over_mqtt(
         # One workflow at a time on an agent: the others wait, in order.
         assert [w.status for w in triggered][1:] == ["queued"] * 3
         views = await db.wait_all_final(len(SHIPPED_RUNS), timeout_s=30)
+
+        # Counted once each transition is committed, before its publishes.
+        async def all_counted() -> bool:
+            finished = rig.metrics.value(
+                "kbbus_workflows_finished_total", {"status": "succeeded"}
+            )
+            return finished == len(SHIPPED_RUNS)
+
+        await async_wait_until(
+            all_counted, timeout_s=5, what="every finished workflow counted"
+        )
+
+    steps = sum(len(v.steps) for v in views)
+    m = rig.metrics
+    assert (
+        m.value("kbbus_step_duration_seconds_count", {"status": "succeeded"}) == steps
+    )
+    assert m.value("kbbus_step_duration_seconds_sum", {"status": "succeeded"}) > 0
+    # Every step's task, and the clear after each workflow, reached the broker.
+    assert m.value("kbbus_messages_published_total", {"kind": "tasks"}) >= steps
+    assert m.value("kbbus_messages_published_total", {"kind": "events"}) > 0
+    assert m.value("kbbus_db_batch_size_sum", {"channel": "results"}) >= steps
+    assert m.value("kbbus_db_transaction_seconds_count", {"channel": "results"}) >= 1
 
     assert_each_step_ran_once(views)
     by_id = {v.workflow_id: v for v in views}

@@ -80,3 +80,14 @@ def test_topics_round_trip_and_refuse_wildcards() -> None:
     with pytest.raises(TopicError):
         topics.parse_agent("kbbus/v1/agents/a/b/status")
     assert topics.rpc_filter("ctl") == "$share/ctl/kbbus/v1/rpc/+"
+
+
+def test_topic_kinds_label_the_controllers_metrics() -> None:
+    t = Topics("site/kb")
+    assert t.kind(t.tasks("a-1")) == "tasks"
+    assert t.kind(t.status("a-1")) == "status"
+    assert t.kind(t.workflow_event("w-1", "step.finished")) == "events"
+    assert t.kind(t.agent_event("a-1", "agent.online")) == "events"
+    assert t.kind(t.reply("client-1")) == "replies"
+    assert t.kind(t.controller_keys()) == "controller"
+    assert t.kind("kbbus/v1/agents/a-1/tasks") == "other"  # another root
