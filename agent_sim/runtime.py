@@ -33,7 +33,7 @@ from agent_sim.wire import (
     status_payload,
 )
 from schemas import MessageError, decode
-from schemas.bus import BusClient
+from schemas.bus import BusClient, redact_url
 from schemas.messages import RegisterReply
 from schemas.topics import RpcMethod, Topics
 
@@ -129,7 +129,7 @@ class MqttAgent:
                 log.warning(
                     "connection to %s failed or lost (%s); reconnecting in %.2fs: "
                     "agent_id=%s attempt=%d",
-                    self.settings.mqtt_url,
+                    redact_url(self.settings.mqtt_url),
                     reason,
                     delay,
                     self.agent_id,

@@ -18,7 +18,7 @@ from bridge_http.events import EventHub
 from bridge_http.metrics import BridgeMetrics
 from bridge_http.rpc import ReplyRouter
 from schemas import KbbusError, decode
-from schemas.bus import BusClient, parse_mqtt_url
+from schemas.bus import BusClient, parse_mqtt_url, redact_url
 from schemas.messages import Event, Task
 from schemas.topics import AgentChannel, Topics
 
@@ -45,6 +45,8 @@ class Bus:
     ) -> None:
         parse_mqtt_url(url)  # a bad URL fails at start, not at first connect
         self.url = url
+        #: What logs and error messages may show: no password.
+        self.shown_url = redact_url(url)
         self.client_id = client_id
         self.topics = topics
         self.reply_topic = topics.reply(client_id)
@@ -84,9 +86,11 @@ class Bus:
                         self._dispatch(message)
             except aiomqtt.MqttError as exc:
                 if self.connected.is_set():
-                    log.warning("lost the broker at %s: %s", self.url, exc)
+                    log.warning("lost the broker at %s: %s", self.shown_url, exc)
                 else:
-                    log.warning("cannot reach the broker at %s: %s", self.url, exc)
+                    log.warning(
+                        "cannot reach the broker at %s: %s", self.shown_url, exc
+                    )
             except Exception:
                 # A bug in handling one message must not leave the bridge
                 # disconnected for good: start over with a fresh session.
@@ -123,7 +127,9 @@ class Bus:
         self._metrics.mqtt_connected.set(1 if up else 0)
         if up:
             self.connected.set()
-            log.info("connected to the broker at %s as %s", self.url, self.client_id)
+            log.info(
+                "connected to the broker at %s as %s", self.shown_url, self.client_id
+            )
         else:
             self.connected.clear()
             self._board.forget_tasks()
@@ -191,7 +197,7 @@ class Bus:
         client = self._client
         if client is None or not self.connected.is_set():
             raise BusUnavailable(
-                f"The bridge is not connected to the MQTT broker at {self.url}; "
+                f"The bridge is not connected to the MQTT broker at {self.shown_url}; "
                 "retry shortly."
             )
         try:

@@ -57,7 +57,7 @@ from controller.rpc import Call, Rejected, Rpc, RpcError, refusal, reply_publish
 from controller.settings import Settings
 from controller.signing import Keyring, TaskSealer, agent_http_token
 from controller.store import BACKOFF_MAX_S, Store, is_unavailable, upgrade
-from schemas.bus import BusClient
+from schemas.bus import BusClient, redact_url
 from schemas.codec import decode, encode
 from schemas.errors import MessageError, TopicError
 from schemas.messages import (
@@ -250,7 +250,7 @@ class Controller:
                 async with self._new_client() as client:
                     log.info(
                         "connected to broker %s as client_id=%s",
-                        self.settings.mqtt_url,
+                        redact_url(self.settings.mqtt_url),
                         self.settings.client_id,
                     )
                     delay = self.settings.reconnect_min_s

@@ -54,6 +54,21 @@ def parse_mqtt_url(url: str) -> tuple[str, int]:
     return parsed.hostname or "127.0.0.1", parsed.port or default_port
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: for logs and
+    error messages, which must never carry a secret."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    host = parsed.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parsed.username or ''}:***@{host}"
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    return parsed._replace(netloc=netloc).geturl()
+
+
 def uses_tls(url: str) -> bool:
     return urlparse(url).scheme in TLS_SCHEMES
 

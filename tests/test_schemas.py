@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import MessageError, PayloadTooLarge, decode, encode
+from schemas.bus import redact_url
 from schemas.errors import TopicError
 from schemas.generate import render
 from schemas.messages import AgentState, AgentStatus, Heartbeat, TaskResult
@@ -91,3 +92,19 @@ def test_topic_kinds_label_the_controllers_metrics() -> None:
     assert t.kind(t.reply("client-1")) == "replies"
     assert t.kind(t.controller_keys()) == "controller"
     assert t.kind("kbbus/v1/agents/a-1/tasks") == "other"  # another root
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mqtt://u:s3cret@broker:1884", "mqtt://u:***@broker:1884"),
+        (
+            "mqtts://kbbus-controller:p%2Fw@10.0.0.1",
+            "mqtts://kbbus-controller:***@10.0.0.1",
+        ),
+        ("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1883"),
+        ("mqtt://only-user@host:1883", "mqtt://only-user@host:1883"),
+    ],
+)
+def test_logged_urls_carry_no_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -108,6 +108,11 @@ def test_up_is_secure_by_default_and_keeps_its_secrets(tmp_path: Path) -> None:
     finally:
         out = stop(proc, tmp_path)
     assert stored["enrolment_token"] in out  # printed in the banner
+    # The services' broker passwords and the agent secret are in no log line
+    # (the controller and the bridge log their broker URL, password masked).
+    for secret in ("kbbus-controller", "kbbus-bridge", "agent_secret"):
+        assert stored[secret] not in out, secret
+    assert "kbbus-controller:***@" in out
     assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
     for index in range(2):
         state = AgentState.load(state_path(tmp_path / ".kbbus" / "agents", index))
