@@ -4,12 +4,13 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from schemas.views import FINAL_WORKFLOW_STATES
 
@@ -173,29 +174,59 @@ def status(http_url: str, console: Console, limit: int = 20) -> int:
         f"[bold]{len(agents)}[/] agents: [green]{online} online[/], "
         f"[red]{len(agents) - online} offline[/]"
     )
-    table = Table("agent", "hostname", "status", "last seen", box=None)
+    now = datetime.now(UTC)
+    # Whole ids, never cut: they are what `kbbus trigger` takes.
+    table = Table(_id_column("agent"), "hostname", "status", "last seen", box=None)
     for agent in agents[:limit]:
         colour = "green" if agent["status"] == "online" else "red"
         table.add_row(
             agent["agent_id"],
             agent.get("hostname", ""),
             f"[{colour}]{agent['status']}[/]",
-            agent.get("last_seen_at") or "never",
+            _ago(agent.get("last_seen_at"), now),
         )
     console.print(table)
     running = [w for w in workflows if w["status"] in ("queued", "running")]
-    console.print(f"[bold]{len(running)}[/] queued or running workflows")
-    wtable = Table("workflow", "agent", "kb", "status", "created", box=None)
+    console.print(
+        f"[bold]{len(running)}[/] queued or running workflows; the latest "
+        f"{min(limit, len(workflows))}:"
+    )
+    wtable = Table(
+        _id_column("workflow"), _id_column("agent"), "kb", "status", "created", box=None
+    )
     for wf in workflows[:limit]:
         wtable.add_row(
             wf["workflow_id"],
             wf["agent_id"],
             wf["kb_id"],
             wf["status"],
-            wf["created_at"],
+            _ago(wf.get("created_at"), now),
         )
     console.print(wtable)
     return EXIT_OK
+
+
+def _id_column(header: str) -> Column:
+    return Column(header, no_wrap=True, min_width=36)
+
+
+def _ago(timestamp: str | None, now: datetime) -> str:
+    """``12s ago``, ``5m ago``, ``3h ago``; older ones as a UTC date and time."""
+    if not timestamp:
+        return "never"
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return timestamp
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            if unit == "d":
+                return then.strftime("%Y-%m-%d %H:%M UTC")
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
 
 
 def kbs(http_url: str, console: Console) -> int:

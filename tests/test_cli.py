@@ -124,6 +124,17 @@ def test_up_runs_the_whole_system_and_stops_on_sigterm(tmp_path: Path) -> None:
         status = run_kbbus("status", "--http-url", base, cwd=tmp_path)
         assert status.returncode == 0
         assert "2 online" in status.stdout
+        # Whole ids, to copy into `kbbus trigger`, even on a narrow terminal.
+        narrow = subprocess.run(
+            [*KBBUS, "status", "--http-url", base],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+        assert all(a["agent_id"] in narrow.stdout for a in agents), narrow.stdout
+        assert "s ago" in narrow.stdout
     finally:
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
