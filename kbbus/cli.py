@@ -159,6 +159,10 @@ def up(
         else None
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    # amqtt logs every connection and its state machine every transition at
+    # INFO (and payloads at DEBUG): with a fleet that drowns our own lines.
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     controller_args = ["--log-format", log_format]
     if offline_after_s is not None:
         controller_args += ["--offline-after-s", str(offline_after_s)]
