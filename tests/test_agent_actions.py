@@ -196,3 +196,59 @@ def test_backoff_grows_with_jitter_and_resets() -> None:
     assert len(set(delays)) == len(delays)
     backoff.reset()
     assert backoff.next_s() <= 0.5
+
+
+def test_state_survives_a_write_cut_short_in_either_slot(tmp_path: Path) -> None:
+    path = tmp_path / "agent-0.json"
+    state = AgentState(path, "agent-a")
+    for n in range(4):  # slots written in turn: .json, .json.b, .json, .json.b
+        state.finish(f"t{n}", f'{{"n":{n}}}')
+        state.save()
+    newest = path.with_name("agent-0.json.b")
+    assert newest.exists()
+    loaded = AgentState.load(path)
+    assert loaded is not None
+    assert list(loaded.finished) == ["t0", "t1", "t2", "t3"]
+    # A crash in the middle of the next write: that slot holds a torn state.
+    torn = newest.read_bytes()
+    newest.write_bytes(torn[: len(torn) // 2])
+    loaded = AgentState.load(path)
+    assert loaded is not None
+    assert list(loaded.finished) == ["t0", "t1", "t2"]  # the write before it
+    # And the next write after that load goes to the torn slot, not the good one.
+    loaded.finish("t9", "{}")
+    loaded.save()
+    again = AgentState.load(path)
+    assert again is not None
+    assert list(again.finished) == ["t0", "t1", "t2", "t9"]
+    assert path.read_bytes().startswith(b"kbbus-agent-state v1 seq=3 ")
+
+
+def test_a_plain_json_state_file_is_read_and_kept_until_replaced(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent-0.json"
+    path.write_text('{"v":1,"agent_id":"agent-a","last_epoch":7,"finished":[]}')
+    state = AgentState.load(path)
+    assert state is not None
+    assert (state.agent_id, state.last_epoch) == ("agent-a", 7)
+    state.finish("t1", "{}")
+    state.save()
+    # The first write goes to the other slot: the old file stays whole.
+    assert path.read_text().startswith('{"v":1')
+    again = AgentState.load(path)
+    assert again is not None
+    assert list(again.finished) == ["t1"]
+
+
+def test_a_new_identity_outranks_what_an_older_one_left(tmp_path: Path) -> None:
+    path = tmp_path / "agent-0.json"
+    old = AgentState(path, "agent-old")
+    for _ in range(3):
+        old.save()
+    new = AgentState(path, "agent-new")  # registered afresh, same file
+    new.save()
+    loaded = AgentState.load(path)
+    assert loaded is not None
+    assert loaded.agent_id == "agent-new"
+    assert not path.with_name("agent-0.json.b").exists()

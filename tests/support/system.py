@@ -7,7 +7,6 @@ both sides: the controller's tables and the agents' own state files.
 """
 
 import asyncio
-import json
 import signal
 import sys
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from agent_sim.store import AgentState
 from controller.db import Agent, StepExecution, Workflow
 from controller.store import make_engine
 from kbbus.stack import Process
@@ -268,12 +268,14 @@ def read_records(state_dirs: Iterable[Path]) -> dict[str, AgentRecord]:
     records: dict[str, AgentRecord] = {}
     for state_dir in state_dirs:
         for path in sorted(state_dir.glob("agent-*.json")):
-            data = json.loads(path.read_text())
+            state = AgentState.load(path, max_finished=10**9)
+            assert state is not None, path
             finished = {
-                task_id: decode(TaskResult, text) for task_id, text in data["finished"]
+                task_id: decode(TaskResult, text)
+                for task_id, text in state.finished.items()
             }
-            records[data["agent_id"]] = AgentRecord(
-                data["agent_id"], finished, list(data.get("started", []))
+            records[state.agent_id] = AgentRecord(
+                state.agent_id, finished, list(state.started or [])
             )
     return records
 
