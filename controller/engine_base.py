@@ -10,8 +10,8 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -110,6 +110,40 @@ class Effects:
         self.tasks.append(Publish(self.topics.tasks(agent_id), b"", 1, True))
 
     def event(self, wf: WorkflowLike, kind: EventKind, **data: Any) -> None:
+        self.events.append(self._event(wf, kind, data))
+
+    def step_finished(self, wf: WorkflowLike, se: AttemptLike) -> None:
+        """The step.finished event, with the step's seconds since dispatch."""
+        data = step_data(se)
+        if se.dispatched_at is None:  # canceled before it was ever sent
+            self.events.append(self._event(wf, EventKind.STEP_FINISHED, data))
+            return
+        # Stored times are always UTC-aware (controller.db.UTCDateTime).
+        seconds = max(0.0, (self.now - se.dispatched_at).total_seconds())
+        data["duration_s"] = round(seconds, 6)
+        self.events.append(
+            self._event(
+                wf, EventKind.STEP_FINISHED, data, step_finished=(se.status, seconds)
+            )
+        )
+
+    def workflow_finished(
+        self, wf: WorkflowLike, status: str, error: str | None
+    ) -> None:
+        data = {"status": status, "error": error}
+        self.events.append(
+            self._event(wf, EventKind.WORKFLOW_FINISHED, data, workflow_finished=status)
+        )
+
+    def _event(
+        self,
+        wf: WorkflowLike,
+        kind: EventKind,
+        data: dict[str, Any],
+        *,
+        step_finished: tuple[str, float] | None = None,
+        workflow_finished: str | None = None,
+    ) -> Publish:
         message = Event(
             kind=kind,
             ts=self.now,
@@ -117,40 +151,17 @@ class Effects:
             workflow_id=wf.id,
             data={"kb_id": wf.kb_id, **data},
         )
-        topic = self.topics.workflow_event(wf.id, kind.value)
-        self.events.append(Publish(topic, encode(message), 1, False))
-
-    def step_finished(self, wf: WorkflowLike, se: AttemptLike) -> None:
-        """The step.finished event, with the step's seconds since dispatch."""
-        data = step_data(se)
-        seconds = seconds_between(se.dispatched_at, self.now)
-        if seconds is not None:
-            data["duration_s"] = round(seconds, 6)
-        self.event(wf, EventKind.STEP_FINISHED, **data)
-        if seconds is not None:
-            self.events[-1] = replace(
-                self.events[-1], step_finished=(se.status, seconds)
-            )
-
-    def workflow_finished(
-        self, wf: WorkflowLike, status: str, error: str | None
-    ) -> None:
-        self.event(wf, EventKind.WORKFLOW_FINISHED, status=status, error=error)
-        self.events[-1] = replace(self.events[-1], workflow_finished=status)
+        return Publish(
+            self.topics.workflow_event(wf.id, kind.value),
+            encode(message),
+            1,
+            False,
+            step_finished=step_finished,
+            workflow_finished=workflow_finished,
+        )
 
     def all(self) -> list[Publish]:
         return self.tasks + self.events
-
-
-def seconds_between(start: datetime | None, end: datetime) -> float | None:
-    """``end - start`` in seconds (naive times taken as UTC), None without a start."""
-    if start is None:
-        return None
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=UTC)
-    if end.tzinfo is None:
-        end = end.replace(tzinfo=UTC)
-    return max(0.0, (end - start).total_seconds())
 
 
 def task_publish(topics: Topics, kb_id: str, se: AttemptLike) -> Publish:

@@ -20,6 +20,10 @@ from controller.db import ACTIVE_WORKFLOW_STATES
 from controller.effects import Publish
 
 AGENT_STATES = ("online", "offline")
+#: For the controller's own work: a sweep, a flush, a transaction.
+WORK_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+#: For a step, from dispatch to its end (timeouts reach minutes).
+STEP_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
 class Metrics:
@@ -65,13 +69,13 @@ class Metrics:
         self.sweep_seconds = Histogram(
             "kbbus_presence_sweep_duration_seconds",
             "Time of one presence sweep (the UPDATE and its publishes).",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            buckets=WORK_SECONDS,
             registry=r,
         )
         self.heartbeat_flush_seconds = Histogram(
             "kbbus_heartbeat_flush_duration_seconds",
             "Time of one batched heartbeat write.",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            buckets=WORK_SECONDS,
             registry=r,
         )
         self.rpc_seconds = Histogram(
@@ -97,22 +101,7 @@ class Metrics:
             "From a step's dispatch to its end (result, timeout or cancel), "
             "by final status.",
             ["status"],
-            buckets=(
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1,
-                2.5,
-                5,
-                10,
-                30,
-                60,
-                300,
-            ),
+            buckets=STEP_SECONDS,
             registry=r,
         )
         self.published = Counter(
@@ -132,7 +121,7 @@ class Metrics:
             "kbbus_db_transaction_seconds",
             "Time of one batched database transaction, by channel.",
             ["channel"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            buckets=WORK_SECONDS,
             registry=r,
         )
         self.mqtt_connected = Gauge(

@@ -221,12 +221,13 @@ def _ago(timestamp: str | None, now: datetime) -> str:
     if then.tzinfo is None:
         then = then.replace(tzinfo=UTC)
     seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            if unit == "d":
-                return then.strftime("%Y-%m-%d %H:%M UTC")
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h ago"
+    return then.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def kbs(http_url: str, console: Console) -> int:
